@@ -1,0 +1,106 @@
+"""`distill` command line: fit, validate, graph, eval, demo.
+
+Config problems print one line each on stderr and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from distill.errors import ConfigError
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202 - returns Config
+    from distill.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from distill.train import fit
+
+    metrics = fit(_load(args))
+    for key, value in sorted(metrics.items()):
+        print(f"{key:<16} {value:8.2f}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from distill.describe import describe
+
+    print(describe(_load(args)))
+    print("config OK")
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from distill.describe import draw
+
+    print(f"wrote {draw(_load(args), args.output)}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from distill.evaluate import evaluate_target
+
+    metrics = evaluate_target(args.target, args.overrides, model=args.model, split=args.split)
+    for key, value in metrics.items():
+        print(f"{key:<10} {value:8.2f}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from distill.demo import run_demo
+
+    run_demo(args.output, quick=args.quick)
+    return 0
+
+
+def _with_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. edges.si_tt.enabled=false")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of the `distill` command."""
+    ap = argparse.ArgumentParser(prog="distill", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    commands: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+        "fit": (cmd_fit, "train the students of a graph config"),
+        "validate": (cmd_validate, "check a config and print the resolved graph"),
+        "graph": (cmd_graph, "draw the graph of a config"),
+    }
+    for name, (fn, help_text) in commands.items():
+        p = sub.add_parser(name, help=help_text)
+        _with_config(p)
+        p.set_defaults(fn=fn)
+        if name == "graph":
+            p.add_argument("-o", "--output", default="graph.png", help="output image (png, svg, pdf)")
+    p = sub.add_parser("eval", help="retrieval R@1/5/10 and RSUM of a model (config or checkpoint)")
+    p.add_argument("target", help="experiment YAML or a .ckpt written by `distill fit`")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--model", default=None, help="which model of the config to evaluate (default eval.model)")
+    p.add_argument("--split", default=None, help="val or test (default eval.split)")
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("demo", help="the main job: teacher, student alone, distilled student, report")
+    p.add_argument("-o", "--output", default="runs/demo", help="run folder")
+    p.add_argument("--quick", action="store_true", help="tiny data and few steps (smoke test)")
+    p.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `distill` console script."""
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        for line in e.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

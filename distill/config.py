@@ -1,0 +1,253 @@
+"""The typed configuration schema, YAML loading with `extends:` and command-line overrides.
+
+`load_config(path, overrides)` returns a validated `Config` or raises one `ConfigError`
+holding every problem, one line each, starting with the dotted YAML path. Nothing here
+loads weights: semantic checks against the registries live in `distill.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from distill.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """One model of the graph: a registered `type` and its constructor `args`."""
+
+    type: str = MISSING
+    frozen: bool = False
+    precision: str = "fp32"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EdgeConfig:
+    """One edge: a registered loss, its input nodes in the loss's slot order, a weight."""
+
+    loss: str = MISSING
+    inputs: list[str] = MISSING
+    weight: float = 1.0
+    enabled: bool = True
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Which registered dataset to read and how to batch it."""
+
+    dataset: str = "synthetic"
+    args: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    num_workers: int = 2
+    shuffle_buffer: int = 2000
+    captions_per_image: str = "all"
+    seed: int = 0
+    steps_per_epoch: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to `min_lr_ratio * lr`."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    """The subset of `lightning.Trainer` settings that distill exposes."""
+
+    max_steps: int = 1000
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = 1.0
+    log_every_n_steps: int = 10
+    val_check_interval: int | None = None
+    limit_val_batches: float = 1.0
+    checkpoint_every_n_steps: int = 200
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Which model's image and text nodes the retrieval evaluation embeds."""
+
+    model: str = "student"
+    split: str = "val"
+    chunk_size: int = 1024
+
+
+@dataclass
+class Config:
+    """The whole experiment."""
+
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs/${name}"
+    resume: str | None = None
+    plugins: list[str] = field(default_factory=list)
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    edges: dict[str, EdgeConfig] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _read_yaml(path: Path, where: str) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"{where}: no such config file {str(path)!r}")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends: report the file, keep the cause
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: not valid YAML: {first}") from e
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return raw
+
+
+def load_raw(path: str | Path, _seen: tuple[Path, ...] = (), _where: str = "config") -> DictConfig:
+    """Read a YAML file and the files it `extends:` (relative to it), merged base-first."""
+    path = Path(path).resolve()
+    if path in _seen:
+        chain = " -> ".join(p.name for p in (*_seen, path))
+        raise ConfigError(f"{path}: extends cycle {chain}")
+    raw = _read_yaml(path, _where)
+    bases = raw.pop("extends", None)
+    if bases is None:
+        return raw
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, ListConfig | list):
+        raise ConfigError(f"{path}: extends must be a file name or a list of them")
+    merged = OmegaConf.create({})
+    for i, base in enumerate(bases):
+        merged = OmegaConf.merge(
+            merged, load_raw(path.parent / str(base), (*_seen, path), f"{path}: extends[{i}]")
+        )
+    return OmegaConf.merge(merged, raw)
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """`["edges.si_tt.enabled=false", ...]` -> a config to merge on top (YAML-typed values)."""
+    bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
+    if bad:
+        raise ConfigError([f"override {o!r}: expected key=value" for o in bad])
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"overrides: {str(e).splitlines()[0]}") from e
+
+
+def _allowed_keys(schema: DictConfig, full_key: str) -> list[str]:
+    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+    node = OmegaConf.select(schema, parent) if parent else schema
+    try:
+        return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+    except Exception:
+        return []
+
+
+def _drop(raw: DictConfig, full_key: str) -> bool:
+    parts = full_key.split(".")
+    node: Any = raw
+    for p in parts[:-1]:
+        if not isinstance(node, DictConfig) or p not in node:
+            return False
+        node = node[p]
+    if isinstance(node, DictConfig) and parts[-1] in node:
+        del node[parts[-1]]
+        return True
+    return False
+
+
+def merge_with_schema(raw: DictConfig) -> tuple[DictConfig, list[str]]:
+    """Merge a raw config into the `Config` schema, collecting every problem.
+
+    omegaconf stops at the first bad key, so the offending key is reported, removed from
+    the raw config and the merge retried until it succeeds.
+    """
+    schema = OmegaConf.structured(Config)
+    problems: list[str] = []
+    raw = raw.copy()
+    for _ in range(200):
+        try:
+            cfg = OmegaConf.merge(schema, raw)
+            break
+        except OmegaConfBaseException as e:
+            key = str(e.full_key or "")
+            if isinstance(e, ConfigKeyError):
+                allowed = _allowed_keys(schema, key)
+                hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+                problems.append(f"{key}: unknown key{hint}")
+            else:
+                problems.append(f"{key}: {str(e.msg if hasattr(e, 'msg') else e).splitlines()[0]}")
+            if not _drop(raw, key):
+                return schema, problems
+    else:  # pragma: no cover - needs 200 distinct bad keys
+        return schema, problems
+    for key in OmegaConf.missing_keys(cfg):
+        problems.append(f"{key}: missing value")
+    return cfg, problems
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, merge and schema-check a config, then check it against the registries.
+
+    Raises:
+        ConfigError: with one line per problem, all problems at once.
+    """
+    raw = load_raw(path)
+    if overrides:
+        raw = OmegaConf.merge(raw, parse_overrides(overrides))
+    return config_from_raw(raw)
+
+
+def config_from_raw(raw: DictConfig) -> Config:
+    """Schema-merge, resolve and validate an already merged raw config."""
+    from distill.validate import validate
+
+    cfg, problems = merge_with_schema(raw)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{e.full_key}: {str(e).splitlines()[0]}") from e
+    config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    problems = validate(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def to_yaml(config: Config) -> str:
+    """The resolved config as YAML (what a run saves next to its checkpoints)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """The resolved config as plain containers (for checkpoints' hyperparameters)."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild and re-validate a config saved with `to_dict`."""
+    return config_from_raw(OmegaConf.create(data))

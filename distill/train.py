@@ -1,0 +1,107 @@
+"""Running a config: the Lightning trainer, callbacks, output folder and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+
+from distill.checkpoint import AtomicCheckpointIO
+from distill.config import Config, to_yaml
+from distill.errors import ConfigError
+from distill.module import DistillModule
+
+
+def make_strategy(name: str) -> Any:
+    """`ddp` tolerates parameters an edge subset leaves unused (e.g. a text tower no edge reads)."""
+    if name == "ddp":
+        from pytorch_lightning.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=True)
+    return name
+
+
+def resume_path(config: Config, out: Path) -> str | None:
+    """`resume: last` -> the run's last checkpoint (if any); a path -> that file."""
+    if not config.resume:
+        return None
+    if config.resume == "last":
+        last = out / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    if not Path(config.resume).is_file():
+        raise ConfigError(f"resume: no such checkpoint {config.resume!r}")
+    return config.resume
+
+
+def make_datamodule(config: Config, module: DistillModule) -> pl.LightningDataModule:
+    """The data module fed with each running model's own preprocessing."""
+    from distill.data.datamodule import DistillDataModule
+
+    graph = module.graph
+    pre = {n: (graph.models[n].image_preprocess(), graph.models[n].text_preprocess()) for n in graph.needed_models()}
+    ev = graph.models[config.eval.model]
+    return DistillDataModule(
+        config.data, pre, {config.eval.model: (ev.image_preprocess(), ev.text_preprocess())}, eval_split=config.eval.split
+    )
+
+
+def make_trainer(config: Config, out: Path, **overrides: Any) -> pl.Trainer:
+    """A Trainer built from `config.trainer`, logging CSV metrics into the run folder."""
+    t = config.trainer
+    checkpoint = ModelCheckpoint(
+        dirpath=out / "checkpoints",
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=t.checkpoint_every_n_steps,
+        save_on_train_epoch_end=False,
+    )
+    kwargs: dict[str, Any] = dict(
+        max_steps=t.max_steps,
+        max_epochs=-1,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=make_strategy(t.strategy),
+        precision=t.precision,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        log_every_n_steps=t.log_every_n_steps,
+        check_val_every_n_epoch=None,
+        val_check_interval=t.val_check_interval or t.max_steps,
+        limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=0,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        logger=CSVLogger(str(out), name="", version=""),
+        callbacks=[checkpoint],
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(out),
+    )
+    kwargs.update(overrides)
+    return pl.Trainer(**kwargs)
+
+
+def fit(config: Config) -> dict[str, float]:
+    """Train a config end to end; return the final validation metrics (also in `metrics.json`)."""
+    from distill.data.datamodule import check_dataset
+
+    out = Path(config.output_dir)
+    check_dataset(config.data)
+    ckpt = resume_path(config, out)
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    module = DistillModule(config)
+    data = make_datamodule(config, module)
+    trainer = make_trainer(config, out)
+    if trainer.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(config))
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    trainer.save_checkpoint(out / "final.ckpt")  # collective: every rank calls it
+    if trainer.is_global_zero:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
