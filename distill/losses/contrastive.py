@@ -51,8 +51,11 @@ class InfoNCE(EdgeLoss):
             self.register_buffer("logit_scale", log_scale)
 
     def scale(self) -> Tensor:
-        """The current 1/tau, clamped at `max_logit_scale`."""
-        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+        """The current 1/tau. A learnable scale is clamped in place at `max_logit_scale` (as
+        CLIP does after each step), so it keeps a gradient and can come back down."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(max=math.log(self.max_logit_scale))
+        return self.logit_scale.exp()
 
     def forward(self, a: Tensor, b: Tensor, *, ctx: EdgeContext) -> Tensor:
         a, b = as_float(self.project(a)), as_float(b)

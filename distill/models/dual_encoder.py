@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -13,9 +16,19 @@ from distill.models.base import Encoder, ImagePreprocess, TextPreprocess, l2norm
 from distill.registry import MODELS
 
 
+TIMM_SOURCES = ("local-dir:", "hf-hub:")
+
+
 def _check_timm(name: str) -> None:
     import timm
 
+    if name.startswith("local-dir:"):
+        folder = name.split(":", 1)[1]
+        if not (Path(folder).expanduser() / "config.json").is_file():
+            raise ConfigError(f"timm folder {folder!r} has no config.json (expected a timm save_for_hf folder)")
+        return
+    if name.startswith("hf-hub:"):
+        return
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -39,7 +52,8 @@ class DualEncoder(Encoder):
     """Image tower (timm, by name) and text tower (transformers), each projected to `embed_dim`.
 
     Args:
-        image_model: A timm model name, e.g. `resnet18`, `vit_small_patch16_224`.
+        image_model: A timm model name, e.g. `resnet18`, `vit_small_patch16_224`, or a timm
+            source `local-dir:/folder` / `hf-hub:org/name` (loaded with its weights).
         image_pretrained: Optional local file of timm weights (`pretrained_cfg_overlay`).
         image_size: Resolution the data pipeline feeds this model.
         image_args: Extra timm `create_model` arguments (e.g. `{depth: 4}` for a small ViT).
@@ -70,12 +84,13 @@ class DualEncoder(Encoder):
         import timm
 
         self.image_size, self.pooling, self.max_length = image_size, pooling, max_length
+        self.embed_dim = embed_dim
         extra: dict[str, Any] = dict(image_args or {})
         if image_pretrained:
             extra["pretrained_cfg_overlay"] = {"file": image_pretrained}
-        self.image_tower = timm.create_model(
-            image_model, pretrained=bool(image_pretrained), num_classes=0, **extra
-        )
+        pretrained = bool(image_pretrained) or image_model.startswith(TIMM_SOURCES)
+        self.image_tower = timm.create_model(image_model, pretrained=pretrained, num_classes=0, **extra)
+        self.image_args = dict(image_args or {})
         cfg = self.image_tower.pretrained_cfg or {}
         self.image_mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
         self.image_std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
@@ -107,8 +122,6 @@ class DualEncoder(Encoder):
             except ConfigError as e:
                 problems.extend(e.problems)
         if image_pretrained:
-            from pathlib import Path
-
             if not Path(image_pretrained).expanduser().is_file():
                 problems.append(f"image_pretrained file {image_pretrained!r} does not exist")
         if pooling not in ("cls", "mean"):
@@ -132,4 +145,71 @@ class DualEncoder(Encoder):
         return l2norm(self.text_proj(pooled))
 
 
-__all__ = ["DualEncoder", "build_text_tower"]
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Save as a towers folder: each tower in its own library's format.
+
+        `image/` is a timm `save_for_hf` folder (`timm.create_model("local-dir:...")` loads
+        it), `text/` and `tokenizer/` are `save_pretrained` folders, `heads.safetensors`
+        holds the two projections and `towers.json` the remaining settings. Written to a
+        temporary folder and renamed, so a crash never leaves half a teacher behind.
+        """
+        from safetensors.torch import save_file
+        from timm.models import save_for_hf
+
+        folder = Path(folder)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_for_hf(self.image_tower, str(tmp / "image"), model_args=self.image_args, safe_serialization=True)
+        self.text_tower.save_pretrained(tmp / "text")
+        self.tokenizer.save_pretrained(tmp / "tokenizer")
+        heads = {f"image_proj.{k}": v for k, v in self.image_proj.state_dict().items()}
+        heads.update({f"text_proj.{k}": v for k, v in self.text_proj.state_dict().items()})
+        save_file({k: v.contiguous() for k, v in heads.items()}, str(tmp / "heads.safetensors"))
+        settings = {"embed_dim": self.embed_dim, "image_size": self.image_size, "pooling": self.pooling,
+                    "max_length": self.max_length, "image_mean": list(self.image_mean), "image_std": list(self.image_std)}
+        (tmp / "towers.json").write_text(json.dumps(settings, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        return folder
+
+
+def read_towers(path: str) -> dict[str, Any]:
+    """The settings of a towers folder, or a one-line error naming the folder."""
+    settings = Path(path).expanduser() / "towers.json"
+    if not settings.is_file():
+        raise ConfigError(f"{path!r} is not a towers folder (no towers.json; write one with save_pretrained)")
+    return json.loads(settings.read_text())
+
+
+@MODELS.register("towers")
+class Towers(DualEncoder):
+    """A dual encoder saved by `DualEncoder.save_pretrained`: a timm image tower and a
+    Hugging Face text tower, each loaded from its own library's format.
+
+    Args:
+        path: The towers folder.
+    """
+
+    def __init__(self, *, path: str) -> None:
+        from safetensors.torch import load_file
+
+        root = Path(path).expanduser()
+        s = read_towers(path)
+        super().__init__(
+            image_model=f"local-dir:{root / 'image'}", image_size=s["image_size"],
+            text_model=str(root / "text"), tokenizer=str(root / "tokenizer"),
+            embed_dim=s["embed_dim"], pooling=s["pooling"], max_length=s["max_length"],
+        )
+        self.image_mean, self.image_std = tuple(s["image_mean"]), tuple(s["image_std"])
+        heads = load_file(str(root / "heads.safetensors"))
+        self.image_proj.load_state_dict({k[11:]: v for k, v in heads.items() if k.startswith("image_proj.")})
+        self.text_proj.load_state_dict({k[10:]: v for k, v in heads.items() if k.startswith("text_proj.")})
+
+    @classmethod
+    def describe(cls, *, path: str, **_: Any) -> dict[str, int]:
+        dim = int(read_towers(path)["embed_dim"])
+        return {"image": dim, "text": dim}
+
+
+__all__ = ["DualEncoder", "Towers", "build_text_tower"]
