@@ -13,6 +13,7 @@ def models_to_load(config: Config) -> list[str]:
     """Models read by an enabled edge, plus the evaluated model; others are never loaded."""
     names = [split_node(n)[0] for e in config.edges.values() if e.enabled for n in e.inputs]
     names.append(config.eval.model)
+    names.extend(config.save_pretrained)
     return [m for m in dict.fromkeys(names) if m in config.models]
 
 

@@ -108,6 +108,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    save_pretrained: dict[str, str] = field(default_factory=dict)
 
 
 def _read_yaml(path: Path, where: str) -> DictConfig:
@@ -220,19 +221,30 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return config_from_raw(raw)
 
 
+def prune_removed(raw: DictConfig) -> DictConfig:
+    """Drop `models.<name>: null` and `edges.<name>: null`: how a file removes an inherited entry."""
+    for section in ("models", "edges"):
+        node = raw.get(section)
+        if isinstance(node, DictConfig):
+            for key in [k for k in node.keys() if node._get_node(k)._is_none()]:
+                del node[key]
+    return raw
+
+
 def config_from_raw(raw: DictConfig) -> Config:
     """Schema-merge, resolve and validate an already merged raw config."""
     from distill.validate import validate
 
-    cfg, problems = merge_with_schema(raw)
-    if problems:
+    cfg, problems = merge_with_schema(prune_removed(raw.copy()))
+    if any(p.endswith(": missing value") for p in problems):
         raise ConfigError(problems)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{e.full_key}: {str(e).splitlines()[0]}") from e
+        raise ConfigError([*problems, f"{e.full_key}: {str(e).splitlines()[0]}"]) from e
+    # schema problems dropped their keys; the rest is still checked so all come out at once
     config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    problems = validate(config)
+    problems += validate(config)
     if problems:
         raise ConfigError(problems)
     return config

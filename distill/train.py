@@ -103,5 +103,7 @@ def fit(config: Config) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     trainer.save_checkpoint(out / "final.ckpt")  # collective: every rank calls it
     if trainer.is_global_zero:
+        for name, folder in config.save_pretrained.items():
+            module.graph.models[name].save_pretrained(folder)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics

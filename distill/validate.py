@@ -63,7 +63,7 @@ def model_nodes(config: Config, problems: list[str]) -> dict[str, int]:
 
 
 def _check_edge(
-    name: str, edge: Any, nodes: dict[str, int], frozen: set[str], problems: list[str]
+    name: str, edge: Any, nodes: dict[str, int], frozen: set[str], broken: set[str], problems: list[str]
 ) -> None:
     path = f"edges.{name}"
     try:
@@ -83,6 +83,8 @@ def _check_edge(
     for i, node in enumerate(edge.inputs):
         if node not in nodes:
             known = False
+            if node.split(".")[0] in broken:
+                continue  # the model's own problem is already reported
             close = difflib.get_close_matches(node, list(nodes), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             problems.append(
@@ -113,8 +115,9 @@ def validate(config: Config) -> list[str]:
     frozen = {name for name, m in config.models.items() if m.frozen}
     if not config.models:
         problems.append("models: no model defined")
+    broken = {name for name in config.models if not any(n.startswith(f"{name}.") for n in nodes)}
     for name, edge in config.edges.items():
-        _check_edge(name, edge, nodes, frozen, problems)
+        _check_edge(name, edge, nodes, frozen, broken, problems)
     enabled = [n for n, e in config.edges.items() if e.enabled]
     if not enabled:
         problems.append("edges: no enabled edge; enable at least one (edges.<name>.enabled=true)")
@@ -137,6 +140,13 @@ def validate(config: Config) -> list[str]:
         problems.append(
             f"data.captions_per_image: expected 'all' or 'random', got {config.data.captions_per_image!r}"
         )
+    for name in config.save_pretrained:
+        if name not in config.models:
+            problems.append(f"save_pretrained.{name}: unknown model; models: {', '.join(config.models)}")
+            continue
+        kind = config.models[name].type
+        if kind in MODELS and not hasattr(MODELS.get(kind), "save_pretrained"):
+            problems.append(f"save_pretrained.{name}: model type {config.models[name].type!r} cannot save_pretrained")
     global_edges = [n for n in enabled if n in config.edges and _is_global(config.edges[n].loss)]
     if config.trainer.accumulate_grad_batches > 1 and global_edges:
         problems.append(
