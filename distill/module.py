@@ -68,9 +68,9 @@ class DistillModule(pl.LightningModule):
             scale = getattr(loss, "logit_scale", None)
             if isinstance(scale, nn.Parameter) and self.graph.edges[name].enabled:
                 self.log(f"train/temperature/{name}", 1.0 / scale.exp().item(), batch_size=n)
-        skipped = getattr(batch, "skipped", None)
-        if skipped is not None:
-            self.log("train/skipped", float(skipped), reduce_fx="sum", batch_size=n)
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if data is not None and hasattr(data, "skipped_total"):
+            self.log("train/skipped", float(data.skipped_total("train")), batch_size=n)
         return out["loss"]
 
     def on_validation_epoch_start(self) -> None:

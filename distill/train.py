@@ -25,6 +25,14 @@ def make_strategy(name: str) -> Any:
     return name
 
 
+def metrics_csv(out: str | Path) -> Path:
+    """The metrics file of the latest run (or resumption) in a run folder."""
+    versions = sorted((Path(out) / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
+    if not versions:
+        raise FileNotFoundError(f"no metrics.csv under {Path(out) / 'logs'}")
+    return versions[-1]
+
+
 def resume_path(config: Config, out: Path) -> str | None:
     """`resume: last` -> the run's last checkpoint (if any); a path -> that file."""
     if not config.resume:
@@ -44,9 +52,7 @@ def make_datamodule(config: Config, module: DistillModule) -> pl.LightningDataMo
     graph = module.graph
     pre = {n: (graph.models[n].image_preprocess(), graph.models[n].text_preprocess()) for n in graph.needed_models()}
     ev = graph.models[config.eval.model]
-    return DistillDataModule(
-        config.data, pre, {config.eval.model: (ev.image_preprocess(), ev.text_preprocess())}, eval_split=config.eval.split
-    )
+    return DistillDataModule(config.data, pre, {config.eval.model: (ev.image_preprocess(), ev.text_preprocess())})
 
 
 def make_trainer(config: Config, out: Path, **overrides: Any) -> pl.Trainer:
@@ -76,7 +82,7 @@ def make_trainer(config: Config, out: Path, **overrides: Any) -> pl.Trainer:
         num_sanity_val_steps=0,
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
-        logger=CSVLogger(str(out), name="", version=""),
+        logger=CSVLogger(str(out), name="logs"),  # logs/version_N: a resumed run never overwrites
         callbacks=[checkpoint],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(out),

@@ -110,7 +110,7 @@ def test_two_process_gradients_match_single_process(edge: str) -> None:
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    for rank, loss, got in results:
+    for rank, _loss, got in results:
         assert set(got) == set(expected), rank
         for name, g in expected.items():
             torch.testing.assert_close(torch.from_numpy(got[name]), g, rtol=1e-5, atol=1e-7, msg=f"rank {rank} {name}")

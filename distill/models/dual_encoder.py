@@ -15,7 +15,6 @@ from distill.models._hf import check_source, load_pretrained, load_tokenizer
 from distill.models.base import Encoder, ImagePreprocess, TextPreprocess, l2norm, masked_mean
 from distill.registry import MODELS
 
-
 TIMM_SOURCES = ("local-dir:", "hf-hub:")
 
 

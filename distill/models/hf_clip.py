@@ -8,7 +8,14 @@ from torch import Tensor
 
 from distill.errors import ConfigError
 from distill.models._hf import load_pretrained
-from distill.models.base import CLIP_MEAN, CLIP_STD, Encoder, ImagePreprocess, TextPreprocess, l2norm
+from distill.models.base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    Encoder,
+    ImagePreprocess,
+    TextPreprocess,
+    l2norm,
+)
 from distill.registry import MODELS
 
 
