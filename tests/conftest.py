@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
 import pytest
+
+# Tests never reach a model hub: loaders are exercised on folders the tests save themselves.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY = """
 name: tiny
@@ -65,3 +70,45 @@ def write_yaml(folder: Path, name: str, text: str) -> Path:
     path = folder / name
     path.write_text(textwrap.dedent(text))
     return path
+
+
+TINY_TEXT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+@pytest.fixture(scope="session")
+def tiny_towers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny towers teacher (timm image folder + transformers text folder) saved once."""
+    from distill.models.dual_encoder import DualEncoder
+
+    folder = tmp_path_factory.mktemp("teacher") / "towers"
+    model = DualEncoder(image_model="test_resnet", image_size=32, embed_dim=24,
+                        text_config={"model_type": "bert", "max_position_embeddings": 64, **TINY_TEXT})
+    return model.save_pretrained(folder)
+
+
+def shrink(config: Path, data_root: Path, out: Path, towers: Path, steps: int = 4) -> list[str]:
+    """Overrides that turn any experiment into a CPU run of a few steps on tiny models,
+    keeping its graph (edges, losses, weights) exactly as written."""
+    from omegaconf import OmegaConf
+
+    from distill.config import load_raw
+
+    raw = OmegaConf.to_container(load_raw(config))
+    overrides = [
+        f"output_dir={out}", f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1",
+        "trainer.progress_bar=false", "trainer.checkpoint_every_n_steps=2", "optim.warmup_steps=1",
+        "data.dataset=synthetic", f"data.args={{n_train: 48, n_val: 12, n_test: 12, image_size: 32, root: '{data_root}'}}",
+        "data.batch_size=16", "data.eval_batch_size=12", "data.num_workers=0", "data.shuffle_buffer=50",
+    ]
+    for name, model in (raw.get("models") or {}).items():
+        if model is None:
+            continue
+        if model["type"] in ("towers", "hf_clip"):
+            overrides.append(f"models.{name}.type=towers")
+            overrides.append(f"models.{name}.args={{path: '{towers}'}}")
+        elif model["type"] == "dual_encoder":
+            overrides += [f"models.{name}.args.image_model=test_resnet", f"models.{name}.args.image_size=32"]
+            overrides += [f"models.{name}.args.text_config.{k}={v}" for k, v in TINY_TEXT.items()]
+    for name in raw.get("save_pretrained") or {}:
+        overrides.append(f"save_pretrained.{name}={out / 'saved' / name}")
+    return overrides

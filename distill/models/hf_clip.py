@@ -55,7 +55,7 @@ class HFClip(Encoder):
     def describe(cls, *, path: str, **_: Any) -> dict[str, int]:
         from transformers import AutoConfig
 
-        config = load_pretrained(AutoConfig, path, "model config")
+        config = load_pretrained(AutoConfig, path, "model")
         dim = getattr(config, "projection_dim", None)
         if dim is None:
             raise ConfigError(f"{path!r} is a {config.model_type!r} config without projection_dim")
