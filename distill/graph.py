@@ -98,7 +98,8 @@ class KnowledgeGraph(nn.Module):
             inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         with torch.no_grad() if frozen else nullcontext():
             out = model.encode(output, inputs)
-        return out.float() if frozen else out
+        # a pair output (a cross-encoder's scorer over candidate pairs) is not a tensor
+        return out.float() if frozen and isinstance(out, Tensor) else out
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         """Total loss under `"loss"` and each enabled edge's unweighted value under `"edge/<name>"`.
