@@ -21,7 +21,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - returns Config
 def cmd_fit(args: argparse.Namespace) -> int:
     from distill.train import fit
 
-    metrics = fit(_load(args))
+    metrics, _ = fit(_load(args))
     for key, value in sorted(metrics.items()):
         print(f"{key:<16} {value:8.2f}")
     return 0

@@ -91,8 +91,12 @@ def make_trainer(config: Config, out: Path, **overrides: Any) -> pl.Trainer:
     return pl.Trainer(**kwargs)
 
 
-def fit(config: Config) -> dict[str, float]:
-    """Train a config end to end; return the final validation metrics (also in `metrics.json`)."""
+def fit(config: Config) -> tuple[dict[str, float], DistillModule]:
+    """Train a config end to end.
+
+    Returns:
+        The final validation metrics (also written to `metrics.json`) and the trained module.
+    """
     from distill.data.datamodule import check_dataset
 
     out = Path(config.output_dir)
@@ -112,4 +116,4 @@ def fit(config: Config) -> dict[str, float]:
         for name, folder in config.save_pretrained.items():
             module.graph.models[name].save_pretrained(folder)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    return metrics
+    return metrics, module

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from distill.errors import ConfigError
 from distill.models._hf import check_source, load_pretrained, load_tokenizer
 from distill.models.base import Encoder, ImagePreprocess, TextPreprocess, l2norm, masked_mean
+from distill.models.init import keep_layers, text_layers_problem
 from distill.registry import MODELS
 
 TIMM_SOURCES = ("local-dir:", "hf-hub:")
@@ -46,6 +47,18 @@ def build_text_tower(text_model: str | None, text_config: dict[str, Any] | None,
     return AutoModel.from_config(AutoConfig.for_model(model_type, **cfg))
 
 
+def _check_text_layers(text_model: str | None, text_config: dict[str, Any] | None, layers: int | list[int]) -> None:
+    from transformers import AutoConfig
+
+    if text_model:
+        n = load_pretrained(AutoConfig, text_model, "text model").num_hidden_layers
+    else:
+        n = (text_config or {}).get("num_hidden_layers", 12)  # the transformers default
+    problem = text_layers_problem(layers, int(n))
+    if problem:
+        raise ConfigError(problem)
+
+
 @MODELS.register("dual_encoder")
 class DualEncoder(Encoder):
     """Image tower (timm, by name) and text tower (transformers), each projected to `embed_dim`.
@@ -59,6 +72,8 @@ class DualEncoder(Encoder):
         text_model: Hub id or local folder for `AutoModel.from_pretrained`; or None to build
             from `text_config`.
         text_config: `AutoConfig.for_model` arguments, `model_type` included (default bert).
+        text_layers: Keep only the first k blocks (an int) or the listed ones of the text
+            tower: a 2/4/6-layer text student made of a teacher's own layers (ConaCLIP).
         tokenizer: Hub id or folder; defaults to `text_model`'s, else the bundled tokenizer.
         embed_dim: Shared embedding width.
         pooling: `cls` (first token) or `mean` (masked mean) over the text states.
@@ -74,6 +89,7 @@ class DualEncoder(Encoder):
         image_args: dict[str, Any] | None = None,
         text_model: str | None = None,
         text_config: dict[str, Any] | None = None,
+        text_layers: int | list[int] | None = None,
         tokenizer: str | None = None,
         embed_dim: int = 256,
         pooling: str = "mean",
@@ -93,9 +109,13 @@ class DualEncoder(Encoder):
         cfg = self.image_tower.pretrained_cfg or {}
         self.image_mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
         self.image_std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
-        self.image_proj = nn.Linear(self.image_tower.num_features, embed_dim)
+        # timm: head_hidden_size is the pooled width after a pre-logits head (MobileNetV3), if any
+        width = getattr(self.image_tower, "head_hidden_size", None) or self.image_tower.num_features
+        self.image_proj = nn.Linear(width, embed_dim)
         self.tokenizer = load_tokenizer(tokenizer or text_model)
         self.text_tower = build_text_tower(text_model, text_config, len(self.tokenizer))
+        if text_layers is not None:
+            keep_layers(self.text_tower, text_layers)
         self.text_proj = nn.Linear(self.text_tower.config.hidden_size, embed_dim)
 
     @classmethod
@@ -105,6 +125,8 @@ class DualEncoder(Encoder):
         image_model: str = "resnet18",
         image_pretrained: str | None = None,
         text_model: str | None = None,
+        text_config: dict[str, Any] | None = None,
+        text_layers: int | list[int] | None = None,
         tokenizer: str | None = None,
         pooling: str = "mean",
         embed_dim: int = 256,
@@ -115,6 +137,7 @@ class DualEncoder(Encoder):
             lambda: _check_timm(image_model),
             lambda: text_model and check_source(text_model, "text model"),
             lambda: tokenizer and check_source(tokenizer, "tokenizer"),
+            lambda: text_layers is not None and _check_text_layers(text_model, text_config, text_layers),
         ):
             try:
                 check()
