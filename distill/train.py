@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,16 @@ def make_strategy(name: str) -> Any:
 
         return DDPStrategy(find_unused_parameters=True)
     return name
+
+
+def quiet_lightning() -> None:
+    """Keep the console for progress and results: Lightning's banners and two warnings
+    that are expected here (frozen teachers are in eval mode on purpose)."""
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 
 
 def metrics_csv(out: str | Path) -> Path:
@@ -99,6 +111,7 @@ def fit(config: Config) -> tuple[dict[str, float], DistillModule]:
     """
     from distill.data.datamodule import check_dataset
 
+    quiet_lightning()
     out = Path(config.output_dir)
     check_dataset(config.data)
     ckpt = resume_path(config, out)
