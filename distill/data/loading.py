@@ -12,10 +12,11 @@ import itertools
 import logging
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
+import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -90,32 +91,6 @@ class Collator:
             image_inputs=self.images([im for _, im, _ in items]),
             text_inputs=self.texts(captions),
         )
-
-
-def shuffle_buffer(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
-    """Shuffle a stream through a buffer of `size` items (webdataset-style)."""
-    buf: list[T] = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        i = rng.randrange(size)
-        yield buf[i]
-        buf[i] = item
-    rng.shuffle(buf)
-    yield from buf
-
-
-def chunks(items: Iterable[T], size: int, *, drop_last: bool) -> Iterator[list[T]]:
-    """Consecutive lists of `size` items; the shorter last one only if not `drop_last`."""
-    chunk: list[T] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk and not drop_last:
-        yield chunk
 
 
 def _part(rank: int, world_size: int) -> Part:
@@ -198,8 +173,10 @@ class TrainStream(IterableDataset):
         rng = random.Random(f"{self.seed}/{self.epoch}/{part.rank}/{part.worker}")
         skipped, total, done = Counter(), Counter(), 0
         if quota != 0:
-            samples = shuffle_buffer(self._samples(part, skipped), self.shuffle_buffer, rng)
-            for chunk in chunks(samples, self.batch_size, drop_last=True):
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
+                self._samples(part, skipped)
+            )
+            for chunk in wds.batched(self.batch_size, collation_fn=list, partial=False)(samples):
                 total.update(skipped)
                 yield _attach(self.collator.train_batch(chunk), "train", skipped)
                 done += 1
@@ -231,7 +208,7 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[RetrievalBatch]:
         part, skipped, total = _part(self.rank, self.world_size), Counter(), Counter()
         items = self.dataset.eval_images(self.split, part=part, skipped=skipped)
-        for chunk in chunks(items, self.batch_size, drop_last=False):
+        for chunk in wds.batched(self.batch_size, collation_fn=list, partial=True)(items):
             total.update(skipped)
             yield _attach(self.collator.eval_batch(chunk), self.split, skipped)
         _summary(self.split, part, total + skipped)
