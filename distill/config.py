@@ -19,12 +19,14 @@ from distill.errors import ConfigError
 
 @dataclass
 class ModelConfig:
-    """One model of the graph: a registered `type` and its constructor `args`."""
+    """One model of the graph: a registered `type`, its constructor `args` and an optional
+    `init` that copies weights from another model (see `distill.models.init`)."""
 
     type: str = MISSING
     frozen: bool = False
     precision: str = "fp32"
     args: dict[str, Any] = field(default_factory=dict)
+    init: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,6 +96,41 @@ class EvalConfig:
 
 
 @dataclass
+class StageConfig:
+    """One training stage of a staged run (see `distill.stages`).
+
+    `edges` are the edges enabled in the stage (every other edge is off); `train` are
+    fnmatch patterns over the graph's parameter names (`models.student.image_*`,
+    `losses.*`) of the parameters that train, every other parameter stays fixed.
+    `max_steps` and `lr` default to `trainer.max_steps` and `optim.lr`. `init_from` is an
+    earlier stage's name, a `.ckpt` path or `config` (the models as built); by default
+    the previous stage's final checkpoint. `build_index` names a model that (re)builds the
+    index file of every enabled `hard_negative` edge before the stage trains.
+    """
+
+    name: str = MISSING
+    edges: list[str] = MISSING
+    train: list[str] = field(default_factory=lambda: ["*"])
+    max_steps: int | None = None
+    lr: float | None = None
+    init_from: str | None = None
+    build_index: str | None = None
+
+
+@dataclass
+class CacheConfig:
+    """Where teacher outputs are cached (`distill cache`) and whether `fit` reads them.
+
+    `mode`: `auto` reads a cache whose fingerprint matches and runs the teacher otherwise;
+    `require` refuses to train without a matching cache; `never` ignores caches (not `off`,
+    which YAML reads as false).
+    """
+
+    dir: str = "runs/cache"
+    mode: str = "auto"
+
+
+@dataclass
 class Config:
     """The whole experiment."""
 
@@ -108,7 +145,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     save_pretrained: dict[str, str] = field(default_factory=dict)
+    stages: list[StageConfig] = field(default_factory=list)
 
 
 def _read_yaml(path: Path, where: str) -> DictConfig:
@@ -217,8 +256,45 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """
     raw = load_raw(path)
     if overrides:
-        raw = OmegaConf.merge(raw, parse_overrides(overrides))
+        raw = apply_overrides(raw, overrides)
     return config_from_raw(raw)
+
+
+def apply_overrides(raw: DictConfig, overrides: list[str]) -> DictConfig:
+    """Merge dotted overrides into a raw config; a key through a list (`stages.1.lr=1e-4`)
+    updates that item in place, since merging a mapping into a list fails in omegaconf."""
+    parsed = parse_overrides(overrides)
+    through_list = []
+    for o in overrides:
+        key = o.split("=", 1)[0].strip()
+        parts = key.split(".")
+        prefixes = (OmegaConf.select(raw, ".".join(parts[:i]), throw_on_resolution_failure=False) for i in range(1, len(parts)))
+        if any(isinstance(node, ListConfig) for node in prefixes):
+            through_list.append(key)
+    for key in through_list:
+        value = OmegaConf.select(parsed, key)
+        try:
+            OmegaConf.update(raw, key, value, merge=True)
+        except (OmegaConfBaseException, IndexError, ValueError) as e:
+            raise ConfigError(f"override {key!r}: {str(e).splitlines()[0]}") from e
+        _drop(parsed, key)
+    while through_list and _prune_empty(parsed):
+        pass
+    return OmegaConf.merge(raw, parsed)
+
+
+def _prune_empty(node: DictConfig) -> bool:
+    """Delete empty mappings left behind by `_drop`; True if anything was deleted."""
+    pruned = False
+    for key in list(node.keys()):
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none():
+            if len(child) == 0:
+                del node[key]
+                pruned = True
+            else:
+                pruned = _prune_empty(child) or pruned
+    return pruned
 
 
 def prune_removed(raw: DictConfig) -> DictConfig:

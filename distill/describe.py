@@ -28,6 +28,11 @@ def describe(config: Config) -> str:
         lines.append(title if chosen else f"{title} none")
         for name, e in chosen:
             lines.append(f"  {name:<14} {e.loss:<15} w={e.weight:<6g} {' , '.join(e.inputs)}")
+    if config.stages:  # a staged run enables each stage's edges in turn (distill.stages)
+        lines.append("stages (each enables only its own edges):")
+        for i, st in enumerate(config.stages):
+            steps = st.max_steps or config.trainer.max_steps
+            lines.append(f"  {i} {st.name:<12} {steps:>6} steps  edges {', '.join(st.edges)}; trains {', '.join(st.train)}")
     return "\n".join(lines)
 
 
@@ -35,7 +40,7 @@ def _pairs(inputs: list[str]) -> list[tuple[str, str]]:
     """The node pair an edge is drawn between: slots 0 and 1. For 4-input relational losses
     these are the student nodes whose similarity structure is matched to the teacher's, so
     S(SI, SI) vs S(TI, TI) is ConaCLIP's SI-SI loop and S(SI, ST) vs S(TI, TT) its SI-ST edge."""
-    return [(inputs[0], inputs[1])]
+    return [(inputs[0], inputs[min(1, len(inputs) - 1)])]  # a one-input edge (itm) is a loop
 
 
 def layout(config: Config, nodes: list[str]) -> dict[str, tuple[float, float]]:

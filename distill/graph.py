@@ -4,7 +4,7 @@ are registered losses between nodes. Pure torch (no Lightning).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -44,11 +44,21 @@ class KnowledgeGraph(nn.Module):
         edges: The edges, enabled or not (disabled ones keep their parameters so that
             checkpoints do not depend on which edges were switched on).
         frozen: Names of the frozen (teacher) models.
+        cached: Node name -> a lookup from sample keys to that node's precomputed rows
+            (`distill.cache`); such nodes are read, not computed, and their model need not
+            be in `models`.
     """
 
-    def __init__(self, models: dict[str, Encoder], edges: Iterable[Edge], frozen: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        models: dict[str, Encoder],
+        edges: Iterable[Edge],
+        frozen: Iterable[str] = (),
+        cached: Mapping[str, Callable[[list[str]], Tensor]] | None = None,
+    ) -> None:
         super().__init__()
         self.models = nn.ModuleDict(models)
+        self.cached = dict(cached or {})
         self.edges = {e.name: e for e in edges}
         self.losses = nn.ModuleDict({name: e.loss for name, e in self.edges.items()})
         self.frozen = set(frozen)
@@ -71,8 +81,8 @@ class KnowledgeGraph(nn.Module):
         return list(dict.fromkeys(n for e in self.enabled_edges() for n in e.inputs))
 
     def needed_models(self) -> list[str]:
-        """Models that run in a training step."""
-        return list(dict.fromkeys(split_node(n)[0] for n in self.needed_nodes()))
+        """Models that run in a training step (a model whose needed nodes are all cached does not)."""
+        return list(dict.fromkeys(split_node(n)[0] for n in self.needed_nodes() if n not in self.cached))
 
     def train(self, mode: bool = True) -> KnowledgeGraph:
         """Train mode for students; frozen teachers always stay in eval mode."""
@@ -88,7 +98,9 @@ class KnowledgeGraph(nn.Module):
                 self.models[name].to(DTYPES[p])
 
     def encode(self, node: str, batch: Batch) -> Tensor:
-        """Compute one node's output for a batch (teachers under no_grad)."""
+        """Compute one node's output for a batch (teachers under no_grad), or read it from the cache."""
+        if node in self.cached:
+            return self.cached[node](batch.keys).to(batch.image_ids.device)
         model_name, output = split_node(node)
         model = self.models[model_name]
         inputs = batch.inputs[model_name]
@@ -120,7 +132,7 @@ class KnowledgeGraph(nn.Module):
 
         def global_node(node: str) -> Tensor:
             if node not in gathered:
-                trainable = split_node(node)[0] not in self.frozen
+                trainable = split_node(node)[0] not in self.frozen and node not in self.cached
                 gathered[node] = gather(local[node], sizes, with_grad=trainable)
             return gathered[node]
 

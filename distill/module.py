@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -56,6 +57,31 @@ class DistillModule(pl.LightningModule):
         self.save_hyperparameters({"config": to_dict(self.config)})
         self.graph = graph if graph is not None else build_graph(self.config)
         self._val: dict[str, list[Tensor]] = {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """As `nn.Module.load_state_dict`, except that frozen models' weights may be absent on
+        either side: a teacher served by the output cache is not loaded (`distill.cache`), so
+        a checkpoint of a cached run lacks it, and a cached run resumes from a live one."""
+        frozen = tuple(f"graph.models.{n}." for n, m in self.config.models.items() if m.frozen)
+        own = self.state_dict()
+        state = {k: v for k, v in state_dict.items() if k in own or not k.startswith(frozen)}
+        result = super().load_state_dict(state, strict=False, assign=assign)
+        bad = [k for k in (*result.missing_keys, *result.unexpected_keys) if not k.startswith(frozen)]
+        if strict and bad:
+            raise RuntimeError(f"state_dict mismatch: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+        return result
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the torch RNG states: a resumed run then draws the same dropout masks."""
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        checkpoint["rng"] = {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get("rng")
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         out = self.graph(batch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    # val/ retrieval metrics are computed over every rank's embeddings already (RetrievalRecall)
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
 
 
 def metrics_csv(out: str | Path) -> Path:
@@ -46,29 +49,41 @@ def metrics_csv(out: str | Path) -> Path:
 
 
 def resume_path(config: Config, out: Path) -> str | None:
-    """`resume: last` -> the run's last checkpoint (if any); a path -> that file."""
+    """`resume: last` -> the run's newest checkpoint, if any: `checkpoints/last.ckpt` or the
+    one Lightning writes when SLURM signals a requeue (`hpc_ckpt_N.ckpt`); a path -> that file."""
     if not config.resume:
         return None
     if config.resume == "last":
-        last = out / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        found = [p for p in [out / "checkpoints" / "last.ckpt", *out.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
     if not Path(config.resume).is_file():
         raise ConfigError(f"resume: no such checkpoint {config.resume!r}")
     return config.resume
 
 
 def make_datamodule(config: Config, module: DistillModule) -> pl.LightningDataModule:
-    """The data module fed with each running model's own preprocessing."""
+    """The data module fed with each running model's own preprocessing, for the outputs it
+    computes: none for a model the teacher-output cache serves entirely."""
     from distill.data.datamodule import DistillDataModule
+    from distill.graph import split_node
 
     graph = module.graph
-    pre = {n: (graph.models[n].image_preprocess(), graph.models[n].text_preprocess()) for n in graph.needed_models()}
+    live: dict[str, set[str]] = {}
+    for node in graph.needed_nodes():
+        if node not in graph.cached:
+            live.setdefault(split_node(node)[0], set()).add(split_node(node)[1])
+    pre = {
+        n: (graph.models[n].image_preprocess() if outs - {"text"} else None,  # a pair node reads both
+            graph.models[n].text_preprocess() if outs - {"image"} else None)
+        for n, outs in live.items()
+    }
     ev = graph.models[config.eval.model]
     return DistillDataModule(config.data, pre, {config.eval.model: (ev.image_preprocess(), ev.text_preprocess())})
 
 
-def make_trainer(config: Config, out: Path, **overrides: Any) -> pl.Trainer:
-    """A Trainer built from `config.trainer`, logging CSV metrics into the run folder."""
+def make_trainer(config: Config, out: Path, callbacks: Sequence[pl.Callback] = (), **overrides: Any) -> pl.Trainer:
+    """A Trainer built from `config.trainer`, logging CSV metrics into the run folder;
+    `callbacks` run besides the checkpointing."""
     t = config.trainer
     checkpoint = ModelCheckpoint(
         dirpath=out / "checkpoints",
@@ -95,7 +110,7 @@ def make_trainer(config: Config, out: Path, **overrides: Any) -> pl.Trainer:
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
         logger=CSVLogger(str(out), name="logs"),  # logs/version_N: a resumed run never overwrites
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, *callbacks],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(out),
     )
@@ -103,22 +118,38 @@ def make_trainer(config: Config, out: Path, **overrides: Any) -> pl.Trainer:
     return pl.Trainer(**kwargs)
 
 
-def fit(config: Config) -> tuple[dict[str, float], DistillModule]:
-    """Train a config end to end.
+def fit(
+    config: Config, *, prepare: Callable[[DistillModule], list[pl.Callback]] | None = None
+) -> tuple[dict[str, float], DistillModule]:
+    """Train a config end to end (a config with `stages` runs them, see `distill.stages`).
+
+    Args:
+        config: A validated config.
+        prepare: Called with the built module before training (e.g. to load weights and
+            freeze parameters); returns extra callbacks.
 
     Returns:
         The final validation metrics (also written to `metrics.json`) and the trained module.
     """
+    from distill.build import build_graph
+    from distill.cache import resolve_cache
     from distill.data.datamodule import check_dataset
+    from distill.index import attach
 
+    if config.stages:
+        from distill.stages import run_stages
+
+        return run_stages(config)
     quiet_lightning()
     out = Path(config.output_dir)
     check_dataset(config.data)
     ckpt = resume_path(config, out)
+    cached = resolve_cache(config)  # teacher nodes read from a matching cache, not computed
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    module = DistillModule(config)
+    module = DistillModule(config, graph=build_graph(config, cached))
     data = make_datamodule(config, module)
-    trainer = make_trainer(config, out)
+    callbacks = (prepare(module) if prepare else []) + attach(config, module.graph)
+    trainer = make_trainer(config, out, callbacks)
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(config))

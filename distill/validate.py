@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from distill.config import Config
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+CACHE_MODES = ("auto", "require", "never")
 
 
 def load_plugins(modules: list[str]) -> list[str]:
@@ -92,6 +93,13 @@ def _check_edge(
             )
     if not known or arg_problems:
         return
+    for i, (slot, node) in enumerate(zip(cls.inputs, edge.inputs)):
+        if (slot == "pair") != node.endswith(".pair"):  # a fused model's pair scorer is no embedding
+            want = "a fused model's pair node (<model>.pair)" if slot == "pair" else "an embedding node, not a pair scorer"
+            problems.append(f"{path}.inputs[{i}]: slot {slot!r} of loss {edge.loss!r} takes {want}; got {node!r}")
+            known = False
+    if not known:
+        return
     try:
         loss = cls(**edge.args)
     except (ValueError, TypeError) as e:
@@ -110,8 +118,11 @@ def _check_edge(
 
 def validate(config: Config) -> list[str]:
     """All semantic problems of a schema-valid config, one line each."""
+    from distill.models.init import init_problems
+
     problems = load_plugins(list(config.plugins))
     nodes = model_nodes(config, problems)
+    problems += init_problems(config)
     frozen = {name for name, m in config.models.items() if m.frozen}
     if not config.models:
         problems.append("models: no model defined")
@@ -140,6 +151,10 @@ def validate(config: Config) -> list[str]:
         problems.append(
             f"data.captions_per_image: expected 'all' or 'random', got {config.data.captions_per_image!r}"
         )
+    if config.trainer.strategy.startswith("fsdp") and config.trainer.accelerator == "cpu":
+        problems.append("trainer.strategy: Lightning runs fsdp on GPUs only; use ddp with trainer.accelerator=cpu")
+    if config.cache.mode not in CACHE_MODES:
+        problems.append(f"cache.mode: expected one of {', '.join(CACHE_MODES)}, got {config.cache.mode!r}")
     for name in config.save_pretrained:
         if name not in config.models:
             problems.append(f"save_pretrained.{name}: unknown model; models: {', '.join(config.models)}")
@@ -147,6 +162,10 @@ def validate(config: Config) -> list[str]:
         kind = config.models[name].type
         if kind in MODELS and not hasattr(MODELS.get(kind), "save_pretrained"):
             problems.append(f"save_pretrained.{name}: model type {config.models[name].type!r} cannot save_pretrained")
+    if config.stages:
+        from distill.stages import stage_problems
+
+        problems += stage_problems(config)
     global_edges = [n for n in enabled if n in config.edges and _is_global(config.edges[n].loss)]
     if config.trainer.accumulate_grad_batches > 1 and global_edges:
         problems.append(

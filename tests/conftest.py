@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,49 @@ def tiny_towers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return model.save_pretrained(folder)
 
 
+TINY_FUSION = {"width": 32, "depth": 2, "heads": 2, "mlp_ratio": 2.0, "image_size": 32, "patch_size": 8, "max_length": 32}
+
+
+def save_tiny_text(folder: Path, layers: int = 3) -> Path:
+    """A tiny BERT sentence encoder folder (model, tokenizer, mean pooling), as `hf_text` reads."""
+    import json
+
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from distill.models._hf import DEFAULT_TOKENIZER
+
+    tok = BertTokenizerFast.from_pretrained(DEFAULT_TOKENIZER)
+    config = BertConfig(vocab_size=len(tok), max_position_embeddings=64, **{**TINY_TEXT, "num_hidden_layers": layers})
+    BertModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    return folder
+
+
+def save_tiny_fusion(folder: Path) -> Path:
+    """A tiny (untrained) fusion teacher folder."""
+    from distill.models.fusion import Fusion
+
+    return Fusion(**TINY_FUSION).save_pretrained(folder)  # type: ignore[arg-type]
+
+
+def _once(folder: Path, make: Callable[[Path], Path]) -> Path:
+    return folder if folder.is_dir() else make(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 3-layer BERT sentence encoder folder, saved once."""
+    return save_tiny_text(tmp_path_factory.mktemp("text") / "hf_text")
+
+
+@pytest.fixture(scope="session")
+def tiny_fusion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny fusion teacher folder, saved once."""
+    return save_tiny_fusion(tmp_path_factory.mktemp("fusion") / "fusion")
+
+
 def shrink(config: Path, data_root: Path, out: Path, towers: Path, steps: int = 4) -> list[str]:
     """Overrides that turn any experiment into a CPU run of a few steps on tiny models,
     keeping its graph (edges, losses, weights) exactly as written."""
@@ -109,6 +153,12 @@ def shrink(config: Path, data_root: Path, out: Path, towers: Path, steps: int = 
         elif model["type"] == "dual_encoder":
             overrides += [f"models.{name}.args.image_model=test_resnet", f"models.{name}.args.image_size=32"]
             overrides += [f"models.{name}.args.text_config.{k}={v}" for k, v in TINY_TEXT.items()]
+        elif model["type"] == "hf_text":  # tiny folders next to the towers one, made on first use
+            overrides.append(f"models.{name}.args.path='{_once(towers.parent / 'hf_text', save_tiny_text)}'")
+        elif model["type"] in ("fusion", "twin") and "path" in (model.get("args") or {}):
+            overrides.append(f"models.{name}.args.path='{_once(towers.parent / 'fusion', save_tiny_fusion)}'")
+        elif model["type"] in ("fusion", "twin"):
+            overrides += [f"models.{name}.args.{k}={v}" for k, v in TINY_FUSION.items()]
     for name in raw.get("save_pretrained") or {}:
         overrides.append(f"save_pretrained.{name}={out / 'saved' / name}")
     return overrides

@@ -106,6 +106,10 @@ def clean_captions(captions: object) -> list[str]:
 class CaptionDataset:
     """Base class of the registered dataset classes (image-caption retrieval data)."""
 
+    version: int = 0
+    """Bump when the same arguments start to yield different data: it is part of the
+    fingerprint of cached teacher outputs (`distill.cache`)."""
+
     def check(self) -> list[str]:
         """Problems found without reading everything, one line each naming the path."""
         return []

@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from distill.batch import Batch
 from distill.data.base import TRAIN_MODES, CaptionDataset
 from distill.data.loading import Collator, EpochLoader, EvalStream, Preprocess, TrainStream
 from distill.errors import ConfigError
@@ -72,6 +73,7 @@ class DistillDataModule(pl.LightningDataModule):
         self.skipped: Counter[str] = Counter()
         """`<split>/<reason>` -> samples skipped so far on this rank (filled by `on_before_batch_transfer`)."""
         self._epochs = 0
+        self._train_loader: EpochLoader | None = None
         if data_cfg.num_workers > 0:  # HF tokenizers warn (and may deadlock) when used after a fork
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -131,13 +133,14 @@ class DistillDataModule(pl.LightningDataModule):
             world_size=world,
         )
         persistent = bool(getattr(self.cfg, "persistent_workers", False))
-        return EpochLoader(
+        self._train_loader = EpochLoader(
             stream,
             epoch_fn=self._next_epoch,
             num_workers=self.cfg.num_workers,
             persistent_workers=persistent,
             seed=self.cfg.seed,
         )
+        return self._train_loader
 
     def eval_dataloader(self, split: str) -> DataLoader | list:
         """Loader of `split` ("val" or "test"); an empty list when the dataset has no such split."""
@@ -162,7 +165,10 @@ class DistillDataModule(pl.LightningDataModule):
         return self.eval_dataloader("test")
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Move the skip counts that came with `batch` from the workers into `self.skipped`."""
+        """Move the skip counts that came with `batch` from the workers into `self.skipped`;
+        count the training batches used (the resume position of `EpochLoader`)."""
+        if isinstance(batch, Batch) and self._train_loader is not None:
+            self._train_loader.consumed += 1
         counts = getattr(batch, "skipped", None)
         if counts is not None:
             self.skipped.update(counts)

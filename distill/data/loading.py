@@ -8,6 +8,7 @@ of its worker since the previous batch as a `skipped` attribute.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import random
@@ -122,6 +123,12 @@ class TrainStream(IterableDataset):
 
     With `steps` the stream repeats the data and yields exactly `steps` batches per rank
     (shared among the workers); without, one pass with the last partial batch dropped.
+
+    Resuming mid-epoch (`skip` > 0): the DataLoader took batches from the workers in turn,
+    so worker w produced `skip // W + (w < skip % W)` of them; each worker regenerates and
+    drops its share without preprocessing it, and worker ids are rotated by `skip % W` so
+    that the first batch after resuming comes from the worker whose turn it was. The
+    replay is exact while every worker still has batches (always with `steps`).
     """
 
     def __init__(
@@ -148,6 +155,8 @@ class TrainStream(IterableDataset):
         self.world_size = world_size
         self.epoch = 0
         """Set by `EpochLoader` before the workers start; seeds the shard order and shuffling."""
+        self.skip = 0
+        """Batches of this epoch the rank already trained on (set by `EpochLoader` on resume)."""
 
     def _samples(self, part: Part, skipped: Counter) -> Iterator[Sample]:
         for rerun in itertools.count() if self.steps is not None else range(1):
@@ -167,6 +176,9 @@ class TrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         part = _part(self.rank, self.world_size)
+        turn = self.skip % part.num_workers
+        part = dataclasses.replace(part, worker=(part.worker + turn) % part.num_workers)
+        drop = self.skip // part.num_workers + (part.worker < turn)
         quota = None  # batches of this worker
         if self.steps is not None:
             quota = self.steps // part.num_workers + (part.worker < self.steps % part.num_workers)
@@ -177,6 +189,10 @@ class TrainStream(IterableDataset):
                 self._samples(part, skipped)
             )
             for chunk in wds.batched(self.batch_size, collation_fn=list, partial=False)(samples):
+                if done < drop:  # trained on before the resumption
+                    done += 1
+                    skipped.clear()
+                    continue
                 total.update(skipped)
                 yield _attach(self.collator.train_batch(chunk), "train", skipped)
                 done += 1
@@ -215,7 +231,12 @@ class EvalStream(IterableDataset):
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader that tells its `TrainStream` the epoch before the workers start."""
+    """A DataLoader that tells its `TrainStream` the epoch before the workers start.
+
+    Stateful for Lightning (`state_dict` is saved in checkpoints): the epoch and the number
+    of its batches the trainer consumed (`consumed`, counted by the data module when a
+    batch is used, not when prefetched), so a resumed run skips them (`TrainStream.skip`).
+    """
 
     def __init__(
         self,
@@ -234,7 +255,19 @@ class EpochLoader(DataLoader):
             generator=torch.Generator().manual_seed(seed),
         )
         self.epoch_fn = epoch_fn
+        self.consumed = 0
+        self._resume: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training is in the data: epoch and batches of it consumed."""
+        return {"epoch": int(self.dataset.epoch), "batches": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue after `state` on the next iteration (when it is the same epoch)."""
+        self._resume = dict(state)
 
     def __iter__(self) -> Any:
-        self.dataset.epoch = self.epoch_fn()
+        epoch, resume, self._resume = self.epoch_fn(), self._resume, None
+        self.consumed = resume["batches"] if resume and resume["epoch"] == epoch else 0
+        self.dataset.epoch, self.dataset.skip = epoch, self.consumed
         return super().__iter__()

@@ -209,6 +209,8 @@ class SyntheticShapes(CaptionDataset):
         format: Read through the "webdataset" shards or the "karpathy" JSON.
     """
 
+    version = VERSION
+
     def __init__(
         self,
         *,

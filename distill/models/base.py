@@ -29,6 +29,9 @@ class ImagePreprocess:
     size: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    deterministic: ClassVar[bool] = True
+    """False in a subclass that augments (random crops, flips): its model's outputs then
+    differ per epoch and `distill.cache` refuses to cache them."""
 
     def key(self) -> tuple:
         """Identity used to share one preprocessed tensor among models that agree."""
@@ -50,6 +53,8 @@ class TextPreprocess:
 
     tokenizer: Any
     max_length: int = 32
+    deterministic: ClassVar[bool] = True
+    """False in a subclass that augments captions (token dropout, paraphrases); see above."""
 
     def key(self) -> tuple:
         """Identity used to share one tokenisation among models that agree."""

@@ -199,6 +199,8 @@ class DualEncoder(Encoder):
 def read_towers(path: str) -> dict[str, Any]:
     """The settings of a towers folder, or a one-line error naming the folder."""
     settings = Path(path).expanduser() / "towers.json"
+    if not settings.parent.is_dir():
+        raise ConfigError(f"towers folder {path!r} does not exist")
     if not settings.is_file():
         raise ConfigError(f"{path!r} is not a towers folder (no towers.json; write one with save_pretrained)")
     return json.loads(settings.read_text())

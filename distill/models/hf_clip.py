@@ -57,6 +57,8 @@ class HFClip(Encoder):
 
         config = load_pretrained(AutoConfig, path, "model")
         dim = getattr(config, "projection_dim", None)
+        if dim is None and config.model_type in ("siglip", "siglip2"):  # no projection: the heads keep the width
+            dim = config.vision_config.hidden_size
         if dim is None:
             raise ConfigError(f"{path!r} is a {config.model_type!r} config without projection_dim")
         return {"image": int(dim), "text": int(dim)}

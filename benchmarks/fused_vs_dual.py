@@ -1,0 +1,121 @@
+"""Does the fused teacher rank image-text pairs better than the dual teacher? (MCAD's premise)
+
+Usage, from the repository root:
+    PYTHONPATH=. python benchmarks/fused_vs_dual.py --dual runs/teacher/towers \
+        --fused runs/teacher/fusion [--split test] [--k 16] [--data-root DIR]
+
+On a split of the embedded benchmark: R@1/5/10 both ways of the dual (towers) teacher, and
+the same ranking after the fused teacher re-scores each query's top-k dual candidates (the
+rest keep the dual order), which is how MCAD uses a cross-encoder: scoring all N x T pairs
+is too slow. Writes benchmarks/results/fused_vs_dual.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill.config import DataConfig
+from distill.data.datamodule import DistillDataModule
+from distill.models.dual_encoder import Towers
+from distill.models.fusion import Fusion
+
+KS = (1, 5, 10)
+RESULTS = Path(__file__).parent / "results" / "fused_vs_dual.json"
+
+
+def recalls(scores: Tensor, image_ids: Tensor, text_image_ids: Tensor) -> dict[str, float]:
+    """R@K both ways from an (N images, T captions) score matrix; ties count for the query."""
+    pos = image_ids[:, None] == text_image_ids[None, :]
+    best = scores.masked_fill(~pos, float("-inf")).amax(1, keepdim=True)
+    i2t_rank = (scores.masked_fill(pos, float("-inf")) > best).sum(1)
+    own = scores[pos.float().argmax(0), torch.arange(scores.shape[1])]
+    t2i_rank = (scores.masked_fill(pos, float("-inf")) > own[None, :]).sum(0)
+    out = {f"i2t_r{k}": 100.0 * (i2t_rank < k).float().mean().item() for k in KS}
+    out.update({f"t2i_r{k}": 100.0 * (t2i_rank < k).float().mean().item() for k in KS})
+    out["rsum"] = sum(out.values())
+    return out
+
+
+def rerank(scores: Tensor, k: int, score_pairs) -> Tensor:  # noqa: ANN001
+    """`scores` with each row's top-k entries replaced by fused logits placed above the rest."""
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
+    rows = torch.arange(scores.shape[0])[:, None].expand_as(top)
+    fused = score_pairs(rows.flatten(), top.flatten()).view_as(top)
+    out = scores.clone()
+    out[rows, top] = 1e4 + fused
+    return out
+
+
+def collect(dual: Towers, fused: Fusion, data: DistillDataModule, split: str) -> dict[str, Tensor]:
+    """Dual embeddings plus the fused model's pixels and (re-padded) tokens for a whole split."""
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("img", "txt", "ids", "tids", "px", "tok", "mask")}
+    with torch.no_grad():
+        for b in data.eval_dataloader(split):
+            parts["img"].append(dual.encode_image(b.image_inputs["dual"]["pixel_values"]))
+            t = b.text_inputs["dual"]
+            parts["txt"].append(dual.encode_text(t["input_ids"], t["attention_mask"]))
+            parts["ids"].append(b.image_ids)
+            parts["tids"].append(b.text_image_ids)
+            parts["px"].append(b.image_inputs["fused"]["pixel_values"])
+            parts["tok"].append(b.text_inputs["fused"]["input_ids"])
+            parts["mask"].append(b.text_inputs["fused"]["attention_mask"])
+    length = max(x.shape[1] for x in parts["tok"])
+    pad = lambda xs: torch.cat([F.pad(x, (0, length - x.shape[1])) for x in xs])  # noqa: E731
+    return {"img": torch.cat(parts["img"]), "txt": torch.cat(parts["txt"]), "ids": torch.cat(parts["ids"]),
+            "tids": torch.cat(parts["tids"]), "px": torch.cat(parts["px"]), "tok": pad(parts["tok"]),
+            "mask": pad(parts["mask"])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dual", default="runs/teacher/towers")
+    ap.add_argument("--fused", default="runs/teacher/fusion")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--k", type=int, default=16, help="dual candidates re-scored per query")
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--chunk", type=int, default=256)
+    args = ap.parse_args()
+    dual, fused = Towers(path=args.dual).eval(), Fusion(path=args.fused).eval()
+    cfg = DataConfig(args={"root": args.data_root} if args.data_root else {}, num_workers=0)
+    pre = {"dual": (dual.image_preprocess(), dual.text_preprocess()),
+           "fused": (fused.image_preprocess(), fused.text_preprocess())}
+    data = DistillDataModule(cfg, pre, pre)
+    data.check()
+    d = collect(dual, fused, data, args.split)
+
+    def score_pairs(i: Tensor, t: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.cat([fused.pair_forward(d["px"][i[s:s + args.chunk]], d["tok"][t[s:s + args.chunk]],
+                                                 d["mask"][t[s:s + args.chunk]])[0]
+                              for s in range(0, len(i), args.chunk)])
+
+    sim = d["img"].float() @ d["txt"].float().t()
+    start = time.perf_counter()
+    i2t = rerank(sim, args.k, score_pairs)                                   # rows: images
+    t2i = rerank(sim.t(), args.k, lambda t, i: score_pairs(i, t)).t()        # rows: captions
+    seconds = time.perf_counter() - start
+    dual_r = recalls(sim, d["ids"], d["tids"])
+    fused_i2t, fused_t2i = recalls(i2t, d["ids"], d["tids"]), recalls(t2i, d["ids"], d["tids"])
+    fused_r = {**{k: v for k, v in fused_i2t.items() if k.startswith("i2t")},
+               **{k: v for k, v in fused_t2i.items() if k.startswith("t2i")}}
+    fused_r["rsum"] = sum(v for k, v in fused_r.items() if k != "rsum")
+    print(f"{args.split}: {len(d['ids'])} images, {len(d['tids'])} captions; fused re-scores top-{args.k}")
+    print(f"{'':<22}" + "".join(f"{k:>9}" for k in dual_r))
+    for name, r in (("dual teacher", dual_r), (f"dual + fused top-{args.k}", fused_r)):
+        print(f"{name:<22}" + "".join(f"{v:9.2f}" for v in r.values()))
+    print(f"fused scoring: {seconds:.1f} s for {(len(d['ids']) + len(d['tids'])) * args.k} pairs")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"split": args.split, "k": args.k, "dual": args.dual, "fused": args.fused,
+                                   "dual_teacher": dual_r, "dual_plus_fused": fused_r, "fused_seconds": seconds},
+                                  indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Teacher-output cache: a hit never runs the teacher; misses and stale entries never serve."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from distill.build import build_graph
+from distill.cache import CachedNode, cache_plan, entries, find_entry, load_frozen, resolve_cache
+from distill.cache_build import build_cache, encode_part, merge_parts
+from distill.cli import main
+from distill.config import Config, EdgeConfig, ModelConfig, load_config
+from distill.errors import ConfigError
+from distill.evaluate import load_checkpoint
+from distill.models.base import ImagePreprocess
+from distill.models.dual_encoder import Towers
+from distill.module import DistillModule
+from distill.train import make_datamodule
+from tests.conftest import TINY
+
+TEACHER = "type: tiny_dual\n    frozen: true\n    args: {embed_dim: 24, image_size: 32}"
+NODES = ["image", "text"]
+
+
+def write_config(folder: Path, data_root: Path, towers: Path) -> Path:
+    """The tiny test graph with a saved towers teacher and a cache folder of its own."""
+    text = TINY.format(out=folder / "run", data=data_root)
+    text = text.replace(TEACHER, f"type: towers\n    frozen: true\n    args: {{path: '{towers}'}}")
+    path = folder / "cached.yaml"
+    path.write_text(text + f"cache: {{dir: '{folder / 'cache'}'}}\n")
+    return path
+
+
+def built(folder: Path, data_root: Path, towers: Path) -> Path:
+    """The config (with its own copy of the teacher) and its cache, built by `distill cache`."""
+    path = write_config(folder, data_root, Path(shutil.copytree(towers, folder / "towers")))
+    assert main(["cache", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def shared_yaml(tmp_path_factory: pytest.TempPathFactory, data_root: Path, tiny_towers: Path) -> Path:
+    """A built cache for the tests that leave it as it is."""
+    return built(tmp_path_factory.mktemp("cache"), data_root, tiny_towers)
+
+
+@pytest.fixture
+def cached_yaml(tmp_path: Path, data_root: Path, tiny_towers: Path) -> Path:
+    """A built cache of the test's own, to change."""
+    return built(tmp_path, data_root, tiny_towers)
+
+
+def never(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the cached teacher ran")
+
+
+def test_hit_skips_the_teacher_and_matches_the_live_loss(shared_yaml: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config(shared_yaml, ["cache.mode=require"])
+    live = build_graph(cfg).train()  # frozen models switch to eval mode
+    cached = resolve_cache(cfg)
+    assert set(cached) == {"teacher.text", "teacher.image"}
+    graph = build_graph(cfg, cached).train()
+    assert list(graph.models) == ["student"] and graph.needed_models() == ["student"]
+    graph.load_state_dict(live.state_dict(), strict=False)  # the same student and loss weights
+    loader_models = make_datamodule(cfg, DistillModule(cfg, graph=graph)).train_collator.models
+    assert loader_models == ["student"]  # the teacher's preprocessing is not applied
+    batch = next(iter(make_datamodule(cfg, DistillModule(cfg, graph=live)).train_dataloader()))
+    expected = live(batch)
+    monkeypatch.setattr(Towers, "encode", never)
+    got = graph(batch)
+    for key, value in expected.items():  # fp16 storage keeps about 3 significant digits
+        torch.testing.assert_close(got[key], value, rtol=2e-3, atol=2e-3, msg=key)
+    assert torch.equal(got["edge/si_st"], expected["edge/si_st"])  # student only: untouched
+
+
+def test_fit_reads_the_cache_and_its_checkpoint_loads_live(
+    shared_yaml: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Towers, "encode", never)
+    assert main(["fit", str(shared_yaml), "cache.mode=require", "trainer.max_steps=3", f"output_dir={tmp_path}"]) == 0
+    monkeypatch.undo()
+    ckpt = tmp_path / "final.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert state and not any(".teacher." in k for k in state)  # the teacher was never part of training
+    module = load_checkpoint(ckpt)  # a live graph (teacher loaded) takes the cached run's weights
+    assert "teacher" in module.graph.models
+    key = "graph.models.student.tokens.weight"
+    assert torch.equal(module.state_dict()[key], state[key])
+
+
+def test_miss_runs_live_in_auto_mode_and_is_refused_in_require_mode(
+    tmp_path: Path, data_root: Path, tiny_towers: Path
+) -> None:
+    path = write_config(tmp_path, data_root, tiny_towers)
+    assert resolve_cache(load_config(path)) == {}
+    assert resolve_cache(load_config(path, ["cache.mode=never"])) == {}
+    with pytest.raises(ConfigError) as e:
+        resolve_cache(load_config(path, ["cache.mode=require"]))
+    assert e.value.problems == [
+        f"cache.dir: teacher.text, teacher.image: no matching cache (no cache of a 'towers' model in "
+        f"{tmp_path / 'cache'}); build it with `distill cache CONFIG`"
+    ]
+    with pytest.raises(ConfigError, match=r"cache.mode: expected one of auto, require, never, got 'sometimes'"):
+        load_config(path, ["cache.mode=sometimes"])
+
+
+def change_towers(dst: Path, what: str) -> None:
+    """Retrain (perturb) the teacher in its folder, or change its caption length."""
+    if what == "weights":
+        heads = load_file(str(dst / "heads.safetensors"))
+        heads["image_proj.bias"] = heads["image_proj.bias"] + 1e-3
+        save_file(heads, str(dst / "heads.safetensors"))
+    else:  # the text preprocessing: captions cut at another length
+        settings = json.loads((dst / "towers.json").read_text())
+        (dst / "towers.json").write_text(json.dumps({**settings, "max_length": settings["max_length"] - 8}))
+
+
+@pytest.mark.parametrize("change", ["weights", "text_preprocess", "dataset"])
+def test_a_changed_teacher_preprocessing_or_dataset_invalidates(
+    cached_yaml: Path, change: str
+) -> None:
+    overrides = []
+    if change == "dataset":
+        overrides = ["data.args.format=karpathy"]  # the same files read otherwise: other args, other data
+    else:
+        change_towers(cached_yaml.parent / "towers", change)
+    cfg = load_config(cached_yaml, overrides)
+    folder, why = find_entry(cfg, "teacher", load_frozen(cfg, "teacher"), NODES)
+    assert folder is None and why.endswith(f"was built with different {change}")
+    assert resolve_cache(cfg) == {}  # auto: the teacher runs live, never the stale rows
+    with pytest.raises(ConfigError, match=f"different {change}\\); build it with"):
+        resolve_cache(load_config(cached_yaml, [*overrides, "cache.mode=require"]))
+    if change == "weights":  # rebuilding adds a second entry, which then serves
+        build_cache(cfg)
+        assert len(entries(cfg.cache.dir)) == 2 and set(resolve_cache(cfg)) == {"teacher.text", "teacher.image"}
+
+
+class Augmenting(ImagePreprocess):
+    deterministic = False
+
+
+def test_augmented_teacher_inputs_are_never_cached(shared_yaml: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Towers, "image_preprocess", lambda self: Augmenting(size=32))
+    cfg = load_config(shared_yaml)
+    with pytest.raises(ConfigError, match=r"models.teacher: its image preprocessing \(Augmenting\) augments inputs"):
+        build_cache(cfg)
+    assert resolve_cache(cfg) == {}  # auto: runs live
+    with pytest.raises(ConfigError, match="augments inputs"):
+        resolve_cache(load_config(shared_yaml, ["cache.mode=require"]))
+
+
+def test_rank_parts_merge_to_the_single_process_cache(shared_yaml: Path, tmp_path: Path) -> None:
+    cfg = load_config(shared_yaml)
+    (single,) = entries(cfg.cache.dir)
+    model = load_frozen(cfg, "teacher")
+    for rank in range(2):  # what two DDP ranks write, then rank 0's merge
+        encode_part(cfg, model, NODES, tmp_path / "parts", rank=rank, world=2, batch_size=7)
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    shapes = merge_parts(tmp_path / "parts", NODES, 2, merged)
+    assert shapes == {"image": {"rows": 48, "dim": 24}, "text": {"rows": 240, "dim": 24}}
+    for output in NODES:
+        assert np.array_equal(np.load(merged / f"{output}.keys.npy"), np.load(single / f"{output}.keys.npy"))
+        np.testing.assert_allclose(np.load(merged / f"{output}.npy"), np.load(single / f"{output}.npy"), atol=2e-3)
+
+
+def test_lookup_by_sample_key(shared_yaml: Path) -> None:
+    (folder,) = entries(load_config(shared_yaml).cache.dir)
+    image, text = CachedNode(folder, "image", "teacher.image"), CachedNode(folder, "text", "teacher.text")
+    keys = [k.decode() for k in np.load(folder / "text.keys.npy")[[7, 0, 7]]]
+    rows = text(keys)
+    assert rows.dtype == torch.float32 and torch.equal(rows[0], rows[2]) and not torch.equal(rows[0], rows[1])
+    same_image = [f"{keys[0].rsplit('/', 1)[0]}/{i}" for i in range(3)]  # one image row serves every caption
+    assert torch.equal(image(same_image)[0], image(same_image)[2])
+    with pytest.raises(KeyError, match="not in the cache"):
+        text([keys[0], "no-such-image/0"])
+
+
+def test_only_tensor_nodes_of_frozen_models_are_cached() -> None:
+    cfg = Config(
+        models={"student": ModelConfig(type="tiny_dual"), "teacher": ModelConfig(type="towers", frozen=True),
+                "fused": ModelConfig(type="fusion", frozen=True)},
+        edges={"a": EdgeConfig(loss="itm_hard", inputs=["fused.pair", "student.image", "student.text"]),
+               "b": EdgeConfig(loss="infonce", inputs=["student.image", "teacher.text"]),
+               "c": EdgeConfig(loss="infonce", inputs=["student.text", "teacher.image"], enabled=False)},
+    )
+    assert cache_plan(cfg) == {"teacher": ["text"]}  # pair scorers depend on the batch; c is off
