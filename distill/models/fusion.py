@@ -241,10 +241,13 @@ class Fusion(Encoder):
         return TextPreprocess(tokenizer=self.tokenizer, max_length=self.arch["max_length"])
 
     def pair_forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Row-aligned pairs -> ITM logits (K,) and fused CLS features (K, D)."""
+        """Row-aligned pairs -> ITM logits (K,) and fused features (K, D), the head's input."""
         b = self.backbone
-        hidden, _ = b(b.embed_image(pixel_values), b.embed_text(input_ids, attention_mask))
-        return self.itm_head(hidden[:, 0]).squeeze(-1), hidden[:, 0]
+        image = b.embed_image(pixel_values)
+        hidden, _ = b(image, b.embed_text(input_ids, attention_mask))
+        n = image[0].shape[1] + 1
+        feature = hidden[:, 0] + hidden[:, 1:n].mean(1) * masked_mean(hidden[:, n:], attention_mask)
+        return self.itm_head(feature).squeeze(-1), feature
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         return self.backbone.encode_alone(self.backbone.embed_image(pixel_values))
