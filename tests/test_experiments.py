@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,15 @@ def test_graph_picture(data_root: Path, tiny_towers: Path, tmp_path: Path) -> No
     png = tmp_path / "graph.png"
     assert main(["graph", str(exp), *shrink(exp, data_root, tmp_path, tiny_towers), "-o", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("name,edges", [("mcad", ("si_st", "mcad_kl", "mcad_fd")), ("vldeformer", ("si_st",))])
+def test_fit_method_end_to_end(name: str, edges: tuple[str, ...], data_root: Path, tiny_towers: Path,
+                               tmp_path: Path) -> None:
+    exp = Path(f"experiments/{name}.yaml")
+    out = tmp_path / "run"
+    assert main(["fit", str(exp), *shrink(exp, data_root, out, tiny_towers)]) == 0
+    rows = read_metrics(out)
+    losses = [float(r[f"train/edge/{e}"]) for r in rows for e in edges if r.get(f"train/edge/{e}")]
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert (out / "final.ckpt").is_file()

@@ -46,18 +46,42 @@ class PairScorer:
     ) -> None:
         self.run, self.n_images, self.n_texts = run, n_images, n_texts
         self.grad, self.chunk_size = grad, chunk_size
+        self._keys = torch.zeros(0, dtype=torch.long)  # memo of a frozen scorer: pair key -> row
+        self._logits: Tensor | None = None
+        self._features: Tensor | None = None
 
-    def __call__(self, image_idx: Tensor, text_idx: Tensor) -> tuple[Tensor, Tensor]:
-        """ITM logits (K,) and fused features (K, D) of the pairs (image_idx[k], text_idx[k])."""
-        image_idx, text_idx = image_idx.long().flatten(), text_idx.long().flatten()
-        if image_idx.shape != text_idx.shape:
-            raise ValueError(f"image_idx and text_idx differ in length: {len(image_idx)} vs {len(text_idx)}")
+    def _compute(self, image_idx: Tensor, text_idx: Tensor) -> tuple[Tensor, Tensor]:
         with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
             parts = [self.run(image_idx[s:s + self.chunk_size], text_idx[s:s + self.chunk_size])
                      for s in range(0, len(image_idx), self.chunk_size)]
-        if not parts:
-            return torch.zeros(0), torch.zeros(0, 0)
         return torch.cat([p[0] for p in parts]).float(), torch.cat([p[1] for p in parts]).float()
+
+    def __call__(self, image_idx: Tensor, text_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """ITM logits (K,) and fused features (K, D) of the pairs (image_idx[k], text_idx[k]).
+
+        A frozen scorer (`grad` false) runs each distinct pair once per batch and memoises
+        it, so several losses reading one fused teacher share its forward passes.
+        """
+        image_idx, text_idx = image_idx.long().flatten().cpu(), text_idx.long().flatten().cpu()
+        if image_idx.shape != text_idx.shape:
+            raise ValueError(f"image_idx and text_idx differ in length: {len(image_idx)} vs {len(text_idx)}")
+        if len(image_idx) == 0:
+            return torch.zeros(0), torch.zeros(0, 0)
+        if self.grad and torch.is_grad_enabled():
+            return self._compute(image_idx, text_idx)
+        keys = image_idx * self.n_texts + text_idx
+        new = torch.unique(keys[~torch.isin(keys, self._keys)])
+        if len(new):
+            logits, features = self._compute(new // self.n_texts, new % self.n_texts)
+            self._keys = torch.cat([self._keys, new])
+            self._logits = logits if self._logits is None else torch.cat([self._logits, logits.to(self._logits.device)])
+            self._features = features if self._features is None else torch.cat(
+                [self._features, features.to(self._features.device)])
+        order = torch.argsort(self._keys)
+        rows = order[torch.searchsorted(self._keys[order], keys)]
+        assert self._logits is not None and self._features is not None
+        rows = rows.to(self._logits.device)
+        return self._logits[rows], self._features[rows]
 
     def scores(self, image_idx: Tensor, text_idx: Tensor) -> Tensor:
         """(K,) ITM logits: log-odds that image row image_idx[k] matches caption row text_idx[k]."""
