@@ -67,7 +67,8 @@ def test_graph_picture(data_root: Path, tiny_towers: Path, tmp_path: Path) -> No
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("name,edges", [("mcad", ("si_st", "mcad_kl", "mcad_fd")), ("vldeformer", ("si_st",))])
+@pytest.mark.parametrize("name,edges", [("mcad", ("si_st", "mcad_kl", "mcad_fd")), ("vldeformer", ("si_st",)),
+                                        ("multi_teacher", ("si_st", "tt_si", "st_st_ens"))])
 def test_fit_method_end_to_end(name: str, edges: tuple[str, ...], data_root: Path, tiny_towers: Path,
                                tmp_path: Path) -> None:
     exp = Path(f"experiments/{name}.yaml")
