@@ -1,6 +1,6 @@
 """Hard-negative index: the training corpus embedded by one model, with mined negatives.
 
-`distill index CONFIG --model NAME --output FILE` (or a stage's `build_index`) writes one
+`distill index mine CONFIG --model NAME --output FILE` (or a stage's `build_index`) writes one
 `torch.save` file holding plain containers and tensors (loadable with `weights_only=True`):
 
     version    1
@@ -157,8 +157,10 @@ def load_index(path: str | Path) -> dict[str, Any]:
         ConfigError: If the file is missing or is not a distill index.
     """
     if not Path(path).is_file():
-        raise ConfigError(f"index {str(path)!r}: no such file; build it with `distill index` or a stage's build_index")
+        raise ConfigError(f"index {str(path)!r}: no such file; build it with `distill index mine` or a stage's build_index")
     data = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(data, dict) and data.get("kind") == "distill-search-index":
+        raise ConfigError(f"index {str(path)!r}: a search index (`distill index build`), not a hard-negative index")
     missing = [f for f in FIELDS if f not in data] if isinstance(data, dict) else list(FIELDS)
     if missing:
         raise ConfigError(f"index {str(path)!r}: not a distill index (missing {', '.join(missing)})")
@@ -235,7 +237,7 @@ class IndexRefresh(pl.Callback):
 def index_target(
     target: str, overrides: list[str] | None, *, model: str, output: str, k: int, device: str = "cpu"
 ) -> dict[str, Any]:
-    """`distill index`: embed the training corpus with a model of a config (as built) or of a
+    """`distill index mine`: embed the training corpus with a model of a config (as built) or of a
     `distill fit` checkpoint (as trained), mine `k` negatives per sample and save to `output`."""
     from distill.build import build_graph
     from distill.config import load_config

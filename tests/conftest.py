@@ -162,3 +162,16 @@ def shrink(config: Path, data_root: Path, out: Path, towers: Path, steps: int = 
     for name in raw.get("save_pretrained") or {}:
         overrides.append(f"save_pretrained.{name}={out / 'saved' / name}")
     return overrides
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
+    """`final.ckpt` of the tiny config fitted once (student: 16 dims, teacher: 24 dims)."""
+    from distill.config import load_config
+    from distill.train import fit
+
+    folder = tmp_path_factory.mktemp("tiny_fit")
+    path = folder / "tiny.yaml"
+    path.write_text(TINY.format(out=folder / "run", data=data_root))
+    fit(load_config(path))
+    return folder / "run" / "final.ckpt"

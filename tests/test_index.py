@@ -1,4 +1,4 @@
-"""Hard-negative mining (`distill index`) and the `hard_negative` loss."""
+"""Hard-negative mining (`distill index mine`) and the `hard_negative` loss."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def with_hn_edge(tiny_yaml: Path, index: Path, extra: str = "") -> Path:
 @pytest.fixture
 def index_file(tiny_yaml: Path, tmp_path: Path) -> Path:
     out = tmp_path / "hn.pt"
-    assert main(["index", str(tiny_yaml), "--model", "student", "--output", str(out), "--k", "6"]) == 0
+    assert main(["index", "mine", str(tiny_yaml), "--model", "student", "--output", str(out), "--k", "6"]) == 0
     return out
 
 

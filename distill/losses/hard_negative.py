@@ -47,7 +47,7 @@ class HardNegative(EdgeLoss):
     the index's model and re-mines every `refresh_every` steps.
 
     Args:
-        index: Path of an index written by `distill index` (or a stage's `build_index`).
+        index: Path of an index written by `distill index mine` (or a stage's `build_index`).
         k: Mined negatives per row (at most the index's k).
         temperature: tau.
         direction: "i2t" or "t2i".
