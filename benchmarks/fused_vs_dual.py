@@ -7,7 +7,15 @@ Usage, from the repository root:
 On a split of the embedded benchmark: R@1/5/10 both ways of the dual (towers) teacher, and
 the same ranking after the fused teacher re-scores each query's top-k dual candidates (the
 rest keep the dual order), which is how MCAD uses a cross-encoder: scoring all N x T pairs
-is too slow. Writes benchmarks/results/fused_vs_dual.json.
+is too slow.
+
+Second, MCAD's mixing operator (`fused_kl`, distill/losses/fused.py) measured where it acts:
+in training-sized batches (`--batch`, one random caption per image, as the loader draws
+them), the modified teacher distribution of each operator and weight is built exactly as
+the loss builds it (the same `candidate_mask` and `mixed_targets`, top-`--mix-k`
+candidates), and we report how often it ranks the positive first (in-batch R@1, both ways)
+and the mean probability it puts on the positive. Writes
+benchmarks/results/fused_vs_dual.json.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from torch import Tensor
 
 from distill.config import DataConfig
 from distill.data.datamodule import DistillDataModule
+from distill.losses.fused import candidate_mask, mixed_targets
 from distill.models.dual_encoder import Towers
 from distill.models.fusion import Fusion
 
@@ -53,6 +62,40 @@ def rerank(scores: Tensor, k: int, score_pairs) -> Tensor:  # noqa: ANN001
     return out
 
 
+MIXES = (("dual only", "prob", 0.0), ("prob", "prob", 0.25), ("prob", "prob", 0.5), ("prob", "prob", 0.75),
+         ("prob", "prob", 1.0), ("logit", "logit", 0.5), ("logit", "logit", 1.0), ("logit", "logit", 2.0))
+
+
+def mixing_table(d: dict[str, Tensor], score_pairs, *, batch: int, k: int, batches: int, tau: float,  # noqa: ANN001
+                 tau_f: float, seed: int = 0) -> list[dict[str, float]]:
+    """In-batch R@1 and positive mass of each operator's target, averaged over both directions."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(d["ids"])
+    caption_of = [torch.nonzero(d["tids"] == d["ids"][i]).flatten() for i in range(n)]
+    sums = {m: [0.0, 0.0] for m in MIXES}
+    for _ in range(batches):
+        rows = torch.randperm(n, generator=g)[:batch]
+        cols = torch.stack([c[torch.randint(len(c), (1,), generator=g)] for c in (caption_of[int(r)] for r in rows)])
+        cols = cols.flatten()
+        ids = d["ids"][rows]
+        t = d["img"][rows].float() @ d["txt"][cols].float().t() / tau
+        cand_r, cand_c = candidate_mask(t, ids, k), candidate_mask(t.t(), ids, k).t()
+        union = cand_r | cand_c
+        ii, jj = union.nonzero(as_tuple=True)
+        fused = torch.full(t.shape, float("-inf"))
+        fused[ii, jj] = score_pairs(rows[ii], cols[jj])
+        pos = ids[:, None] == ids[None, :]
+        for m in MIXES:
+            _, mix, alpha = m
+            for logits, f, c, p in ((t, fused, cand_r, pos), (t.t(), fused.t(), cand_c.t(), pos.t())):
+                target = mixed_targets(logits, f.masked_fill(~c, float("-inf")), c, mix=mix, alpha=alpha,
+                                       fused_temperature=tau_f)
+                sums[m][0] += p.gather(1, target.argmax(1, keepdim=True)).float().mean().item() / 2
+                sums[m][1] += (target * p).sum(1).mean().item() / 2
+    return [{"operator": m[0], "mix": m[1], "alpha": m[2], "r1": 100 * sums[m][0] / batches,
+             "positive_mass": sums[m][1] / batches} for m in MIXES]
+
+
 def collect(dual: Towers, fused: Fusion, data: DistillDataModule, split: str) -> dict[str, Tensor]:
     """Dual embeddings plus the fused model's pixels and (re-padded) tokens for a whole split."""
     parts: dict[str, list[Tensor]] = {k: [] for k in ("img", "txt", "ids", "tids", "px", "tok", "mask")}
@@ -81,6 +124,11 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16, help="dual candidates re-scored per query")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=64, help="training batch size for the mixing table")
+    ap.add_argument("--batches", type=int, default=40, help="batches drawn for the mixing table")
+    ap.add_argument("--mix-k", type=int, default=3, help="fused_kl's k for the mixing table")
+    ap.add_argument("--tau", type=float, default=0.05, help="dual teacher temperature in fused_kl")
+    ap.add_argument("--tau-f", type=float, default=1.0, help="fused temperature in fused_kl")
     args = ap.parse_args()
     dual, fused = Towers(path=args.dual).eval(), Fusion(path=args.fused).eval()
     cfg = DataConfig(args={"root": args.data_root} if args.data_root else {}, num_workers=0)
@@ -111,9 +159,17 @@ def main() -> None:
     for name, r in (("dual teacher", dual_r), (f"dual + fused top-{args.k}", fused_r)):
         print(f"{name:<22}" + "".join(f"{v:9.2f}" for v in r.values()))
     print(f"fused scoring: {seconds:.1f} s for {(len(d['ids']) + len(d['tids'])) * args.k} pairs")
+    mixing = mixing_table(d, score_pairs, batch=args.batch, k=args.mix_k, batches=args.batches, tau=args.tau,
+                          tau_f=args.tau_f)
+    print(f"\nfused_kl targets in batches of {args.batch} (k = {args.mix_k}, {args.batches} batches, both ways)")
+    print(f"{'operator':<10}{'alpha':>7}{'in-batch R@1':>14}{'positive mass':>15}")
+    for r in mixing:
+        print(f"{r['operator']:<10}{r['alpha']:7.2f}{r['r1']:14.2f}{r['positive_mass']:15.3f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"split": args.split, "k": args.k, "dual": args.dual, "fused": args.fused,
-                                   "dual_teacher": dual_r, "dual_plus_fused": fused_r, "fused_seconds": seconds},
+                                   "dual_teacher": dual_r, "dual_plus_fused": fused_r, "fused_seconds": seconds,
+                                   "mixing": {"batch": args.batch, "k": args.mix_k, "batches": args.batches,
+                                              "tau": args.tau, "tau_f": args.tau_f, "rows": mixing}},
                                   indent=2))
 
 
