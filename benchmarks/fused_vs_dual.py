@@ -15,7 +15,7 @@ them), the modified teacher distribution of each operator and weight is built ex
 the loss builds it (the same `candidate_mask` and `mixed_targets`, top-`--mix-k`
 candidates), and we report how often it ranks the positive first (in-batch R@1, both ways)
 and the mean probability it puts on the positive. Writes
-benchmarks/results/fused_vs_dual.json.
+benchmarks/results/fused_vs_dual_<split>.json.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ from distill.models.dual_encoder import Towers
 from distill.models.fusion import Fusion
 
 KS = (1, 5, 10)
-RESULTS = Path(__file__).parent / "results" / "fused_vs_dual.json"
+TAU = 0.05
+RERANKS = {"fused alone": None, "dual/tau + 0.5 fused": 0.5, "dual/tau + 1 fused": 1.0, "dual/tau + 2 fused": 2.0}
+RESULTS = Path(__file__).parent / "results"
 
 
 def recalls(scores: Tensor, image_ids: Tensor, text_image_ids: Tensor) -> dict[str, float]:
@@ -52,14 +54,18 @@ def recalls(scores: Tensor, image_ids: Tensor, text_image_ids: Tensor) -> dict[s
     return out
 
 
-def rerank(scores: Tensor, k: int, score_pairs) -> Tensor:  # noqa: ANN001
-    """`scores` with each row's top-k entries replaced by fused logits placed above the rest."""
+def rerank(scores: Tensor, k: int, score_pairs, weights: tuple[float | None, ...]) -> list[Tensor]:  # noqa: ANN001
+    """`scores` with each row's top-k entries re-scored and placed above the rest: by the fused
+    logit alone (weight None) or by `scores / tau + w * fused logit` (w, tau = --tau)."""
     top = scores.topk(min(k, scores.shape[1]), dim=1).indices
     rows = torch.arange(scores.shape[0])[:, None].expand_as(top)
     fused = score_pairs(rows.flatten(), top.flatten()).view_as(top)
-    out = scores.clone()
-    out[rows, top] = 1e4 + fused
-    return out
+    outs = []
+    for w in weights:
+        out = scores.clone()
+        out[rows, top] = 1e4 + (fused if w is None else scores[rows, top] / TAU + w * fused)
+        outs.append(out)
+    return outs
 
 
 MIXES = (("dual only", "prob", 0.0), ("prob", "prob", 0.25), ("prob", "prob", 0.5), ("prob", "prob", 0.75),
@@ -127,7 +133,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="training batch size for the mixing table")
     ap.add_argument("--batches", type=int, default=40, help="batches drawn for the mixing table")
     ap.add_argument("--mix-k", type=int, default=3, help="fused_kl's k for the mixing table")
-    ap.add_argument("--tau", type=float, default=0.05, help="dual teacher temperature in fused_kl")
+    ap.add_argument("--tau", type=float, default=TAU, help="dual teacher temperature in fused_kl")
+    ap.add_argument("--skip-rerank", action="store_true", help="only the mixing table")
     ap.add_argument("--tau-f", type=float, default=1.0, help="fused temperature in fused_kl")
     args = ap.parse_args()
     dual, fused = Towers(path=args.dual).eval(), Fusion(path=args.fused).eval()
@@ -145,29 +152,36 @@ def main() -> None:
                               for s in range(0, len(i), args.chunk)])
 
     sim = d["img"].float() @ d["txt"].float().t()
-    start = time.perf_counter()
-    i2t = rerank(sim, args.k, score_pairs)                                   # rows: images
-    t2i = rerank(sim.t(), args.k, lambda t, i: score_pairs(i, t)).t()        # rows: captions
-    seconds = time.perf_counter() - start
     dual_r = recalls(sim, d["ids"], d["tids"])
-    fused_i2t, fused_t2i = recalls(i2t, d["ids"], d["tids"]), recalls(t2i, d["ids"], d["tids"])
-    fused_r = {**{k: v for k, v in fused_i2t.items() if k.startswith("i2t")},
-               **{k: v for k, v in fused_t2i.items() if k.startswith("t2i")}}
-    fused_r["rsum"] = sum(v for k, v in fused_r.items() if k != "rsum")
+    reranked: dict[str, dict[str, float]] = {}
+    seconds = 0.0
+    if not args.skip_rerank:
+        start = time.perf_counter()
+        i2t = rerank(sim, args.k, score_pairs, tuple(RERANKS.values()))                       # rows: images
+        t2i = rerank(sim.t(), args.k, lambda t, i: score_pairs(i, t), tuple(RERANKS.values()))  # rows: captions
+        seconds = time.perf_counter() - start
+        for name, a, b in zip(RERANKS, i2t, t2i):
+            r_i2t, r_t2i = recalls(a, d["ids"], d["tids"]), recalls(b.t(), d["ids"], d["tids"])
+            r = {**{k: v for k, v in r_i2t.items() if k.startswith("i2t")},
+                 **{k: v for k, v in r_t2i.items() if k.startswith("t2i")}}
+            r["rsum"] = sum(r.values())
+            reranked[name] = r
     print(f"{args.split}: {len(d['ids'])} images, {len(d['tids'])} captions; fused re-scores top-{args.k}")
-    print(f"{'':<22}" + "".join(f"{k:>9}" for k in dual_r))
-    for name, r in (("dual teacher", dual_r), (f"dual + fused top-{args.k}", fused_r)):
-        print(f"{name:<22}" + "".join(f"{v:9.2f}" for v in r.values()))
-    print(f"fused scoring: {seconds:.1f} s for {(len(d['ids']) + len(d['tids'])) * args.k} pairs")
+    print(f"{'':<24}" + "".join(f"{k:>9}" for k in dual_r))
+    for name, r in (("dual teacher", dual_r), *reranked.items()):
+        print(f"{name:<24}" + "".join(f"{v:9.2f}" for v in r.values()))
+    if reranked:
+        print(f"fused scoring: {seconds:.1f} s for {(len(d['ids']) + len(d['tids'])) * args.k} pairs")
     mixing = mixing_table(d, score_pairs, batch=args.batch, k=args.mix_k, batches=args.batches, tau=args.tau,
                           tau_f=args.tau_f)
     print(f"\nfused_kl targets in batches of {args.batch} (k = {args.mix_k}, {args.batches} batches, both ways)")
     print(f"{'operator':<10}{'alpha':>7}{'in-batch R@1':>14}{'positive mass':>15}")
     for r in mixing:
         print(f"{r['operator']:<10}{r['alpha']:7.2f}{r['r1']:14.2f}{r['positive_mass']:15.3f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"split": args.split, "k": args.k, "dual": args.dual, "fused": args.fused,
-                                   "dual_teacher": dual_r, "dual_plus_fused": fused_r, "fused_seconds": seconds,
+    out = RESULTS / f"fused_vs_dual_{args.split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"split": args.split, "k": args.k, "dual": args.dual, "fused": args.fused,
+                                   "dual_teacher": dual_r, "reranked_top_k": reranked, "fused_seconds": seconds,
                                    "mixing": {"batch": args.batch, "k": args.mix_k, "batches": args.batches,
                                               "tau": args.tau, "tau_f": args.tau_f, "rows": mixing}},
                                   indent=2))
