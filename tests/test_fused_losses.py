@@ -85,6 +85,8 @@ def test_fused_kl_alpha_zero_is_similarity_kl_and_scores_only_candidates() -> No
     got = LOSSES.get("fused_kl")(k=2, alpha=0.0)(si, st, ti, tt, scorer, ctx=EdgeContext(image_ids=ids))
     want = LOSSES.get("similarity_kl")()(si, st, ti, tt, ctx=EdgeContext(image_ids=ids))
     torch.testing.assert_close(got, want)
+    assert calls == []  # alpha = 0 reads nothing from the fused teacher
+    LOSSES.get("fused_kl")(k=2, alpha=0.5)(si, st, ti, tt, scorer, ctx=EdgeContext(image_ids=ids))
     # positives (8) + top-2 per row and per column, deduplicated: at most 8 + 2*8*2 of the 64 pairs
     assert 8 + 2 * 8 <= sum(calls) <= 8 + 2 * 8 * 2
 
@@ -124,9 +126,15 @@ def test_fused_feature_beta_zero_reads_no_fused_information() -> None:
     loss_fn = LOSSES.get("fused_feature")(beta=0.0)
     loss_fn.setup({"student_image": 4, "student_text": 4, "teacher_image": 4, "teacher_text": 4, "pair": 3})
     ctx = EdgeContext(image_ids=torch.arange(b))
-    a = loss_fn(si, st, ti, tt, table_scorer(torch.zeros(b, b), torch.randn(b, b, 3)), ctx=ctx)
-    c = loss_fn(si, st, ti, tt, table_scorer(torch.zeros(b, b), torch.randn(b, b, 3)), ctx=ctx)
+    calls: list[int] = []
+    a = loss_fn(si, st, ti, tt, table_scorer(torch.zeros(b, b), torch.randn(b, b, 3), calls), ctx=ctx)
+    c = loss_fn(si, st, ti, tt, table_scorer(torch.zeros(b, b), torch.randn(b, b, 3), calls), ctx=ctx)
     torch.testing.assert_close(a, c)
+    assert calls == []
+    # and equals the formula with the teacher part alone
+    want = 0.5 * sum(((F.normalize(proj.weight @ s_.t(), dim=0).t() - torch.cat([t_, torch.zeros(b, 3)], 1)) ** 2
+                      ).sum(1).mean() for s_, t_, proj in ((si, ti, loss_fn.proj_image), (st, tt, loss_fn.proj_text)))
+    torch.testing.assert_close(a, want)
 
 
 def test_frozen_scorer_memoises_pairs_across_calls() -> None:

@@ -63,6 +63,8 @@ def mixed_targets(dual_logits: Tensor, fused: Tensor, candidates: Tensor, *, mix
     logit: P = softmax(dual_logits + alpha (fused - min_C fused) on C, + 0 off C): the fused
            evidence raises candidates over the pairs it did not score.
     """
+    if alpha == 0:
+        return dual_logits.softmax(-1)
     if mix == "prob":
         fused_p = (fused / fused_temperature).softmax(-1)  # -inf off C -> 0
         return (1.0 - alpha) * dual_logits.softmax(-1) + alpha * fused_p
@@ -127,7 +129,8 @@ class FusedKL(EdgeLoss):
             t = as_float(teacher_image) @ as_float(teacher_text).t() / self.tau_t
             rows = candidate_mask(t, ids, self.k)
             cols = candidate_mask(t.t(), ids, self.k).t() if self.columns else torch.zeros_like(rows)
-            fused = fused_scores(pair, rows | cols)
+            # alpha = 0 reads nothing from the fused teacher: skip its forward passes
+            fused = fused_scores(pair, rows | cols) if self.alpha > 0 else torch.zeros_like(t)
             kw = dict(mix=self.mix, alpha=self.alpha, fused_temperature=self.tau_f)
             target = mixed_targets(t, fused.masked_fill(~rows, float("-inf")), rows, **kw)
         loss = kl_to_mixture(target, s)
@@ -190,7 +193,11 @@ class FusedFeature(EdgeLoss):
         assert self.proj_image is not None and self.proj_text is not None, "setup() was not called"
         with torch.no_grad():
             rows = torch.arange(len(student_image), device=student_image.device)
-            fused = pair.features(rows, rows).to(student_image.device)
+            if self.beta > 0:
+                fused = pair.features(rows, rows).to(student_image.device)
+            else:  # the fused part of the target is zero: skip the fused teacher's forward passes
+                fused = torch.ones(len(rows), self.proj_image.out_features - teacher_image.shape[1],
+                                   device=student_image.device)
             u_image, u_text = self.targets(teacher_image, fused), self.targets(teacher_text, fused)
         p_image = F.normalize(self.proj_image(as_float(student_image)), dim=-1)
         p_text = F.normalize(self.proj_text(as_float(student_text)), dim=-1)
