@@ -392,7 +392,7 @@ def test_kl_is_non_negative(seed, columns):
 def test_every_loss_is_finite_and_differentiable(name):
     cls = LOSSES.get(name)
     if "pair" in cls.inputs:
-        pytest.skip("pair-scorer inputs are exercised in tests/test_fusion.py")
+        pytest.skip("pair-scorer inputs: tests/test_fusion.py (itm) and tests/test_fused_losses.py (fused_*)")
     if name == "hard_negative":
         pytest.skip("needs an index file; exercised in tests/test_index.py")
     loss = cls()
