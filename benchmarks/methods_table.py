@@ -24,6 +24,7 @@ import torch
 
 from distill.config import load_config
 from distill.demo import latency
+from distill.deploy.embedders import split_spec
 from distill.eval.efficiency import count_parameters
 from distill.eval.report import format_table, metrics_to_row, write_report
 from distill.evaluate import evaluate_encoder, load_checkpoint
@@ -34,11 +35,11 @@ OUT = Path(__file__).parent / "results" / "methods"
 
 def load_target(spec: str):  # noqa: ANN201
     """`folder` or `run.ckpt[:model]` -> (encoder, config used for its data)."""
-    path, _, model = spec.partition(".ckpt")
-    if _ != ".ckpt":
+    path, model = split_spec(spec)
+    if path.suffix != ".ckpt":
         return Towers(path=spec).eval(), load_config("experiments/clip_baseline.yaml")
-    module = load_checkpoint(path + ".ckpt")
-    name = model.lstrip(":") or module.config.eval.model
+    module = load_checkpoint(path)
+    name = model or module.config.eval.model
     return module.graph.models[name].float().eval(), module.config
 
 

@@ -193,25 +193,27 @@ def _index_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=cmd_index_build)
 
 
+def _query_options(p: argparse.ArgumentParser, what: str) -> None:
+    """The options `search` and `serve` share: which embedder answers, where, and how."""
+    p.add_argument("--model", default=None, help=f"encode {what} with another embedder of the same dimension: {EMBEDDER}")
+    p.add_argument("--faiss", action="store_true", help="search with FAISS (IndexFlatIP) instead of torch")
+    p.add_argument("--device", default="cpu", help="where to run a checkpoint's model")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of the query encoder and search (0: library defaults)")
+
+
 def _search_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="text-to-image search in an index; prints the top k, writes a contact sheet")
     p.add_argument("index", help="index file written by `distill index build`")
     p.add_argument("query", help="the text query")
     p.add_argument("-k", type=int, default=10, help="results to show")
     p.add_argument("--sheet", default="search.png", help="contact sheet PNG of the top images ('' for none)")
-    p.add_argument("--model", default=None, help=f"encode the query with another embedder of the same dimension: {EMBEDDER}")
-    p.add_argument("--faiss", action="store_true", help="search with FAISS (IndexFlatIP) instead of torch")
-    p.add_argument("--device", default="cpu", help="where to run a checkpoint's model")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads of the query encoder and search (0: library defaults)")
+    _query_options(p, "the query")
     p.set_defaults(fn=cmd_search)
     p = sub.add_parser("serve", help="a local search page over an index")
     p.add_argument("index", help="index file written by `distill index build`")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
-    p.add_argument("--model", default=None, help=f"encode queries with another embedder of the same dimension: {EMBEDDER}")
-    p.add_argument("--faiss", action="store_true", help="search with FAISS (IndexFlatIP) instead of torch")
-    p.add_argument("--device", default="cpu", help="where to run a checkpoint's model")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads of the query encoder and search (0: library defaults)")
+    _query_options(p, "queries")
     p.set_defaults(fn=cmd_serve)
 
 

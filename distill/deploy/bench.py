@@ -15,8 +15,7 @@ import os
 import platform
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from distill.deploy.embedders import split_spec
 from distill.deploy.runtime import MANIFEST, ExportedModel, default_threads
+from distill.deploy.search import torch_threads
 from distill.errors import ConfigError
 from distill.eval.efficiency import (
     _median_ms,
@@ -135,10 +136,7 @@ def _export_target(folder: Path, threads: int) -> Target:
 
 def load_target(spec: str, *, threads: int, modules: dict[Path, Any] | None = None) -> Target:
     """A target from `path.ckpt`, `path.ckpt:model` or an export folder; `ConfigError` otherwise."""
-    path, model = Path(spec), None
-    head, sep, tail = spec.rpartition(":")
-    if sep and head.endswith(".ckpt"):
-        path, model = Path(head), tail
+    path, model = split_spec(spec)
     if path.is_dir():
         if not (path / MANIFEST).is_file():
             raise ConfigError(f"bench target {spec!r}: folder has no {MANIFEST} (not a `distill export` folder)")
@@ -146,16 +144,6 @@ def load_target(spec: str, *, threads: int, modules: dict[Path, Any] | None = No
     if path.suffix != ".ckpt" or not path.is_file():
         raise ConfigError(f"bench target {spec!r}: no such checkpoint (.ckpt[:model]) or export folder")
     return _checkpoint_target(path, model, {} if modules is None else modules)
-
-
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _release_free_memory() -> None:
@@ -250,7 +238,7 @@ def run_bench(
     modules: dict[Path, Any] = {}
     loaded = [load_target(spec, threads=threads, modules=modules) for spec in targets]  # all errors before timing
     rows, curves = [], {}
-    with _torch_threads(threads):
+    with torch_threads(threads):
         for target in loaded:
             if target.embed_dim not in curves:
                 curves[target.embed_dim] = search_latency_ms(target.embed_dim, sizes, repeats=repeats, warmup=warmup)
