@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from distill.data.datamodule import DistillDataModule
 from torch import Tensor
 
 from distill.config import DataConfig
-from distill.data.datamodule import DistillDataModule
 from distill.losses.fused import candidate_mask, mixed_targets
 from distill.models.dual_encoder import Towers
 from distill.models.fusion import Fusion

@@ -21,13 +21,13 @@ import argparse
 from pathlib import Path
 
 import torch
+from distill.demo import latency
+from distill.evaluate import evaluate_encoder, load_checkpoint
 
 from distill.config import load_config
-from distill.demo import latency
 from distill.deploy.embedders import split_spec
 from distill.eval.efficiency import count_parameters
 from distill.eval.report import format_table, metrics_to_row, write_report
-from distill.evaluate import evaluate_encoder, load_checkpoint
 from distill.models.dual_encoder import Towers
 
 OUT = Path(__file__).parent / "results" / "methods"

@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 from _common import RESULTS, bert, experiment, interleaved, median, write
-
 from distill.build import build_graph
 from distill.cache import resolve_cache
 from distill.cache_build import build_cache
-from distill.config import Config
 from distill.module import DistillModule, param_groups
 from distill.train import make_datamodule
+
+from distill.config import Config
 
 
 def teacher_spec(image_model: str, width: int, layers: int) -> dict:

@@ -1,4 +1,10 @@
-"""Gathering the global batch across DDP ranks for losses that compare across the batch.
+"""Which process am I, waiting for the others, and gathering the global batch under DDP.
+
+Every question of rank goes through `rank`, `world_size`, `is_rank_zero` and `barrier`:
+the process group once one exists, else the launcher's environment (torchrun's `RANK`,
+SLURM's `SLURM_PROCID`, Lightning's `NODE_RANK`/`LOCAL_RANK` in the processes it spawns).
+
+Gathering the global batch for losses that compare across the batch:
 
 Every rank computes the *whole* global loss from the gathered embeddings. Gathering with
 gradients uses an all-gather whose backward all-reduces (sums) the incoming gradient and
@@ -10,16 +16,57 @@ concatenated batch (the scaling pitfall of open_clip#616). Local batches may dif
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 
+def _grouped() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def world_size() -> int:
-    """Number of processes in the default group (1 when not distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
+    """Number of processes in the default group (1 when no group is initialised)."""
+    return dist.get_world_size() if _grouped() else 1
+
+
+def rank() -> int:
+    """This process's global rank: the group's, else the launcher's environment, else 0."""
+    if _grouped():
+        return dist.get_rank()
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
+    return local if node == 0 else node * int(os.environ.get("LOCAL_WORLD_SIZE", local + 1)) + local
+
+
+def launch_world() -> int:
+    """Processes the launcher started: the group's size, else `WORLD_SIZE`, else 1."""
+    return dist.get_world_size() if _grouped() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_rank_zero() -> bool:
+    """True on exactly one process: the one that writes shared files and prints results."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait until every process of the group gets here (nothing to wait for without a group)."""
+    if _grouped() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def join_launch_group(timeout: timedelta = timedelta(hours=12)) -> tuple[int, int]:
+    """Outside Lightning (e.g. `torchrun -m distill cache`): join the launcher's process group
+    (gloo, which serves barriers on any device) and return (rank, world size)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not _grouped():
+        dist.init_process_group("gloo", timeout=timeout)
+    return rank(), launch_world()
 
 
 def _pad_gather(x: Tensor, sizes: list[int]) -> Tensor:

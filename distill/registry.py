@@ -3,11 +3,18 @@
 A registry maps a snake_case name (what a YAML file says) to a class. Registering a name
 twice raises; looking up an unknown name raises a `ConfigError` that says which registry,
 which YAML path the name came from, a did-you-mean and every available name.
+
+The built-in entries are found, not listed: on its first lookup a registry imports every
+module of its package (`distill.losses`, `distill.models`, `distill.data`) whose name does
+not start with `_`, and each module registers its classes with the decorator. A new loss
+file in `distill/losses/` is therefore picked up without an import line anywhere.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
+import pkgutil
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -21,11 +28,25 @@ class Registry(Generic[T]):
 
     Args:
         kind: What the registry holds ("model", "loss", "dataset"); used in error messages.
+        package: The package whose modules register the built-in entries; imported on the
+            first lookup.
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, package: str | None = None) -> None:
         self.kind = kind
+        self.package = package
         self._entries: dict[str, T] = {}
+        self._discovered = package is None
+
+    def _discover(self) -> None:
+        if self._discovered:
+            return
+        self._discovered = True  # before importing: the modules call `register`
+        assert self.package is not None
+        root = importlib.import_module(self.package)
+        for info in pkgutil.iter_modules(root.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{self.package}.{info.name}")
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator that adds a class under `name`; a second registration of a name raises."""
@@ -43,6 +64,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str, path: str = "") -> T:
         """Return the entry for `name`, or raise a one-line `ConfigError` naming `path`."""
+        self._discover()
         if name in self._entries:
             return self._entries[name]
         close = difflib.get_close_matches(str(name), list(self._entries), n=1)
@@ -53,16 +75,18 @@ class Registry(Generic[T]):
         )
 
     def __contains__(self, name: object) -> bool:
+        self._discover()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._entries))
+        return iter(self.names())
 
     def names(self) -> list[str]:
         """All registered names, sorted."""
+        self._discover()
         return sorted(self._entries)
 
 
-MODELS: Registry[type] = Registry("model")
-LOSSES: Registry[type] = Registry("loss")
-DATASETS: Registry[type] = Registry("dataset")
+MODELS: Registry[type] = Registry("model", "distill.models")
+LOSSES: Registry[type] = Registry("loss", "distill.losses")
+DATASETS: Registry[type] = Registry("dataset", "distill.data")

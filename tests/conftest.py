@@ -167,8 +167,9 @@ def shrink(config: Path, data_root: Path, out: Path, towers: Path, steps: int = 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
     """`final.ckpt` of the tiny config fitted once (student: 16 dims, teacher: 24 dims)."""
-    from distill.config import load_config
     from distill.train import fit
+
+    from distill.config import load_config
 
     folder = tmp_path_factory.mktemp("tiny_fit")
     path = folder / "tiny.yaml"

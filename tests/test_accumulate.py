@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from distill.batch import Batch
 from distill.build import build_graph
 from distill.cli import main
+from distill.graph import KnowledgeGraph
+
+from distill.batch import Batch
 from distill.config import load_config
 from distill.errors import ConfigError
-from distill.graph import KnowledgeGraph
 
 PER_SAMPLE = [  # the tiny graph with its in-batch edges off and two feature edges on
     "edges.si_st.enabled=false", "edges.si_tt.enabled=false", "edges.st_ti_kl.enabled=false",

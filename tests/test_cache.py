@@ -9,19 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from distill.build import build_graph
 from distill.cache import CachedNode, cache_plan, entries, find_entry, load_frozen, resolve_cache
 from distill.cache_build import build_cache, encode_part, merge_parts
 from distill.cli import main
-from distill.config import Config, EdgeConfig, ModelConfig, load_config
-from distill.errors import ConfigError
 from distill.evaluate import load_checkpoint
-from distill.models.base import ImagePreprocess
-from distill.models.dual_encoder import Towers
 from distill.module import DistillModule
 from distill.train import make_datamodule
+from safetensors.torch import load_file, save_file
+
+from distill.config import Config, EdgeConfig, ModelConfig, load_config
+from distill.errors import ConfigError
+from distill.models.base import ImagePreprocess
+from distill.models.dual_encoder import Towers
 from tests.conftest import TINY
 
 TEACHER = "type: tiny_dual\n    frozen: true\n    args: {embed_dim: 24, image_size: 32}"

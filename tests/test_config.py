@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from distill.cli import main
+
 from distill.config import load_config
 from distill.errors import ConfigError
 from tests.conftest import write_yaml

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distill.train import metrics_csv
 
 pytestmark = pytest.mark.ddp

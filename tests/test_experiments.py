@@ -7,10 +7,10 @@ import math
 from pathlib import Path
 
 import pytest
-
 from distill.cli import main
-from distill.config import load_config
 from distill.train import metrics_csv
+
+from distill.config import load_config
 from tests.conftest import shrink
 
 EXPERIMENTS = sorted(  # experiments/ablations/ holds sweep files, checked in tests/test_sweep.py

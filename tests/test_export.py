@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from distill.cli import main
 from PIL import Image
 
-from distill.cli import main
 from distill.deploy.export import export_checkpoint
 from distill.deploy.parity import (
     INT8_MIN_COSINE,
@@ -57,8 +57,9 @@ MANIFEST_KEYS = {"format", "model", "embed_dim", "image", "text", "tokenizer", "
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
     """`final.ckpt` of a 2-step fit of the tiny dual encoder."""
-    from distill.config import load_config
     from distill.train import fit
+
+    from distill.config import load_config
 
     folder = tmp_path_factory.mktemp("export_fit")
     fit(load_config(write_yaml(folder, "dual.yaml", DUAL.format(out=folder / "run", data=data_root))))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.losses._base import EdgeContext
+from distill.losses.base import EdgeContext
 from distill.models.fusion import PairScorer
 from distill.registry import LOSSES
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distill.build import build_graph
+
 from distill.config import load_config
 from distill.errors import ConfigError
-from distill.losses._base import EdgeContext
+from distill.losses.base import EdgeContext
 from distill.losses.itm import itm_loss, sample_negatives
 from distill.models._hf import DEFAULT_TOKENIZER
 from distill.models.blip import BlipITM

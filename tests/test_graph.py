@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from distill.build import build_graph, models_to_load
+from distill.graph import KnowledgeGraph
 
 from distill.batch import Batch
-from distill.build import build_graph, models_to_load
 from distill.config import load_config
-from distill.graph import KnowledgeGraph
 
 
 def fake_batch(graph: KnowledgeGraph, n: int = 6) -> Batch:

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from distill.cli import main
+from distill.index import load_index, mine_index
+from distill.train import fit, metrics_csv
+
 from distill.config import load_config
 from distill.errors import ConfigError
-from distill.index import load_index, mine_index
-from distill.losses._base import EdgeContext
+from distill.losses.base import EdgeContext
 from distill.registry import LOSSES
-from distill.train import fit, metrics_csv
 
 HN_EDGE = """
   hn:

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distill.build import build_graph
+
 from distill.config import load_config
 from distill.errors import ConfigError
 from distill.models.dual_encoder import DualEncoder
 from distill.models.fusion import Fusion
-from distill.models.init import inherit, pick_layers
+from distill.models.inherit import inherit, pick_layers
 from distill.models.twin import Twin
 from tests.conftest import TINY_FUSION, write_yaml
 

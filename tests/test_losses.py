@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import distill.losses  # noqa: E402, F401  (registers every loss)
-from distill.losses._base import EdgeContext  # noqa: E402
+from distill.losses.base import EdgeContext  # noqa: E402
 from distill.registry import LOSSES  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "losses_golden.json"

@@ -6,9 +6,9 @@ import csv
 from pathlib import Path
 
 import pytest
-
 from distill.cli import main
 from distill.train import metrics_csv
+
 from tests.conftest import write_yaml
 
 PLUGIN = '''

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from distill.data.datamodule import DistillDataModule
 
 from distill.config import load_config
-from distill.data.datamodule import DistillDataModule
 from tests.conftest import shrink
 
 ROOT = Path(__file__).resolve().parent.parent

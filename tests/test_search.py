@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from distill.cli import main
 from PIL import Image
 
-from distill.cli import main
 from distill.deploy.embedders import CheckpointEmbedder, Embedder
 from distill.deploy.search import contact_sheet, query
 from distill.deploy.search_index import SearchIndex, build_index, load_index, save_index

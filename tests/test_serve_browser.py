@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from distill.cli import main
 from PIL import Image, ImageDraw
 
-from distill.cli import main
 from distill.deploy.embedders import CheckpointEmbedder
 from distill.deploy.search_index import load_index
 

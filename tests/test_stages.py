@@ -6,14 +6,14 @@ import csv
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+import distill.stages as stages
 import pytest
 import torch
+from distill.train import fit, metrics_csv
 from torch import nn
 
-import distill.stages as stages
 from distill.config import load_config
 from distill.errors import ConfigError
-from distill.train import fit, metrics_csv
 
 STAGES = """
 stages:
@@ -155,6 +155,7 @@ def finished(folder: Path) -> bool:
 
 def test_leaner_faster_runs_end_to_end(data_root: Path, tiny_towers: Path, tmp_path: Path) -> None:
     from distill.index import load_index
+
     from tests.conftest import shrink
 
     exp = Path("experiments/leaner_faster.yaml")

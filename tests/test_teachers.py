@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distill.cli import main
+
 from distill.config import load_config
 from distill.errors import ConfigError
-from distill.losses._base import EdgeContext
+from distill.losses.base import EdgeContext
 from distill.models._hf import DEFAULT_TOKENIZER
 from distill.models.dual_encoder import DualEncoder
 from distill.models.hf_clip import HFClip

@@ -1,10 +1,6 @@
-"""Datasets (registered in `DATASETS`) and the Lightning data module.
+"""Datasets; `DATASETS` imports every module here on first lookup ("webdataset", "karpathy",
+"synthetic"). Pure torch and webdataset: the Lightning data module is in `distill.training`."""
 
-Importing this package registers every dataset: "webdataset", "karpathy" and "synthetic".
-"""
-
-from distill.data import karpathy, synthetic, webdataset  # noqa: F401  (fill the registry)
 from distill.data.base import CaptionDataset, EvalImage, Part, Sample, split_items
-from distill.data.datamodule import DistillDataModule
 
-__all__ = ["CaptionDataset", "DistillDataModule", "EvalImage", "Part", "Sample", "split_items"]
+__all__ = ["CaptionDataset", "EvalImage", "Part", "Sample", "split_items"]

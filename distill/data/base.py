@@ -8,17 +8,20 @@ DDP rank and one loader worker), so that parts are disjoint and together cover e
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from PIL import Image
 
+from distill.config.signature import check_kwargs
 from distill.errors import ConfigError
+from distill.registry import DATASETS
 
 T = TypeVar("T")
 
@@ -88,7 +91,6 @@ def require_path(path: str | Path, where: str, *, kind: str = "file") -> Path:
 
 def open_rgb(data: bytes | str | Path) -> Image.Image:
     """Decode an image (bytes or a path) fully into an RGB PIL image; raises on a bad file."""
-    import io
 
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
         return im.convert("RGB")
@@ -108,7 +110,7 @@ class CaptionDataset:
 
     version: int = 0
     """Bump when the same arguments start to yield different data: it is part of the
-    fingerprint of cached teacher outputs (`distill.cache`)."""
+    fingerprint of cached teacher outputs (`distill.training.cache`)."""
 
     def check(self) -> list[str]:
         """Problems found without reading everything, one line each naming the path."""
@@ -187,3 +189,27 @@ class CaptionDataset:
 
 def _choice(n: int, key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "little") % n
+
+
+def open_dataset(name: str, args: Mapping[str, Any] | None) -> CaptionDataset:
+    """The registered dataset `name` constructed from `args`, checked against its signature.
+
+    Raises:
+        ConfigError: An unknown name (at `data.dataset`) or bad arguments (at `data.args`).
+    """
+    cls = DATASETS.get(name, "data.dataset")
+    args = dict(args or {})
+    problems = check_kwargs(cls, args, "data.args", f"dataset {name!r}")
+    if problems:
+        raise ConfigError(problems)
+    return cls(**args)
+
+
+def check_dataset(data_cfg: Any) -> CaptionDataset:
+    """The dataset of a `data` config, after raising one `ConfigError` with every missing
+    shard, file or folder (before training starts)."""
+    dataset = open_dataset(data_cfg.dataset, data_cfg.args)
+    problems = dataset.check()
+    if problems:
+        raise ConfigError(problems)
+    return dataset

@@ -271,3 +271,16 @@ class EpochLoader(DataLoader):
         self.consumed = resume["batches"] if resume and resume["epoch"] == epoch else 0
         self.dataset.epoch, self.dataset.skip = epoch, self.consumed
         return super().__iter__()
+
+
+def eval_loader(
+    dataset: CaptionDataset, preprocess: Preprocess, split: str, *, batch_size: int, num_workers: int,
+    rank: int = 0, world_size: int = 1,
+) -> DataLoader | None:
+    """`RetrievalBatch`es of one rank's part of `split`; None when the dataset has no such split."""
+    dataset.prepare()
+    if not dataset.has_split(split):
+        return None
+    stream = EvalStream(dataset=dataset, collator=Collator(preprocess), split=split, batch_size=batch_size,
+                        rank=rank, world_size=world_size)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers)

@@ -36,6 +36,7 @@ from distill.data.karpathy import KarpathySplits
 from distill.data.scenes import render_scene, sample_scene, vary_scene
 from distill.data.webdataset import WebDatasetShards
 from distill.errors import ConfigError
+from distill.io import write_bytes
 from distill.registry import DATASETS
 
 VERSION = 1  # bump when the generator changes, so that old caches are not reused
@@ -67,18 +68,12 @@ def default_root(*, seed: int, sizes: tuple[int, int, int], image_size: int) -> 
     return Path("~/.cache/distill").expanduser() / f"synthetic-{seed}-{tag}"
 
 
-def _replace_with(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 @contextlib.contextmanager
 def _locked(root: Path) -> Iterator[None]:
     """Hold an exclusive lock beside `root`, so that concurrent ranks generate only once."""
     root.parent.mkdir(parents=True, exist_ok=True)
     try:
-        import fcntl
+        import fcntl  # POSIX only
     except ImportError:  # not on POSIX: generation is deterministic, so races only waste time
         yield
         return
@@ -173,12 +168,12 @@ def generate(
                             )
                         )
                         bar.update()
-                _replace_with(root / split / f"{shard:05d}.tar", buf.getvalue())
+                write_bytes(root / split / f"{shard:05d}.tar", buf.getvalue())
         bar.close()
         karpathy = {"dataset": "synthetic", "images": entries}
-        _replace_with(root / "dataset_synthetic.json", json.dumps(karpathy).encode())
+        write_bytes(root / "dataset_synthetic.json", json.dumps(karpathy).encode())
         marker = {"version": VERSION, "seed": seed, "sizes": list(sizes), "image_size": image_size}
-        _replace_with(root / DONE, json.dumps(marker).encode())
+        write_bytes(root / DONE, json.dumps(marker).encode())
     return root
 
 

@@ -41,7 +41,8 @@ def expand_urls(pattern: str) -> list[str]:
     return [url for part in pattern.split("::") if part for url in braceexpand(part)]
 
 
-def _local_path(url: str) -> Path | None:
+def local_path(url: str) -> Path | None:
+    """The file a shard URL names (plain path or `file:`), or None for a remote/pipe URL."""
     if url.startswith("file:"):
         return Path(url[len("file:") :])
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:", url):  # http:, https:, pipe:, s3:, gs:, ...
@@ -59,7 +60,7 @@ def check_urls(pattern: str | None, where: str) -> list[str]:
         return [f"{where}: cannot expand {pattern!r}: {e}"]
     if not urls:
         return [f"{where}: the pattern {pattern!r} names no shard"]
-    missing = [u for u in urls if (p := _local_path(u)) is not None and not p.is_file()]
+    missing = [u for u in urls if (p := local_path(u)) is not None and not p.is_file()]
     if not missing:
         return []
     shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

@@ -10,6 +10,8 @@ Writes `bench.json`, `bench.md` and `bench_search.png`.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -17,25 +19,29 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_model
 from torch import Tensor
 
 from distill.deploy.embedders import split_spec
+from distill.deploy.export import pick_encoder
 from distill.deploy.runtime import MANIFEST, ExportedModel, default_threads
 from distill.deploy.search import torch_threads
 from distill.errors import ConfigError
 from distill.eval.efficiency import (
-    _median_ms,
     count_parameters,
     encode_latency_ms,
     file_size_mb,
+    median_ms,
     peak_memory_mb,
 )
 from distill.models.base import Encoder
+from distill.training.checkpoint import load_checkpoint
 
 SEARCH_SIZES = (1_000, 10_000, 100_000)
 TOP_K = 10
@@ -78,11 +84,6 @@ class Target:
 
 
 def _checkpoint_target(path: Path, model: str | None, modules: dict[Path, Any]) -> Target:
-    from safetensors.torch import save_model
-
-    from distill.deploy.export import pick_encoder
-    from distill.evaluate import load_checkpoint
-
     if path not in modules:
         modules[path] = load_checkpoint(path)
     name, encoder = pick_encoder(modules[path], model, path)
@@ -102,7 +103,7 @@ def _stored_params(model: ExportedModel) -> int:
     """Elements of the weight tensors stored in an export's two files."""
     files = [model.folder / model.manifest[m]["file"] for m in ("image", "text")]
     if model.manifest["format"] == "onnx":
-        import onnx
+        import onnx  # onnx: heavy, only for exported targets
 
         return sum(
             int(np.prod(t.dims)) for f in files for t in onnx.load(str(f), load_external_data=False).graph.initializer
@@ -148,8 +149,6 @@ def load_target(spec: str, *, threads: int, modules: dict[Path, Any] | None = No
 
 def _release_free_memory() -> None:
     """Return freed heap memory to the OS (glibc `malloc_trim`), so RSS growth shows new peaks."""
-    import ctypes
-    import gc
 
     gc.collect()
     try:
@@ -193,7 +192,7 @@ def search_latency_ms(dim: int, sizes: Sequence[int], *, repeats: int, warmup: i
         index = torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=1)
         query = index[n // 2].clone()
         with torch.inference_mode():
-            out[n] = _median_ms(lambda i=index, q=query: top_k(i, q, k), repeats, warmup, sync=False)
+            out[n] = median_ms(lambda i=index, q=query: top_k(i, q, k), repeats, warmup, sync=False)
     return out
 
 
@@ -261,7 +260,6 @@ def run_bench(
 
 
 def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version(package)
@@ -296,10 +294,10 @@ def _short(n: str) -> str:
 
 def write_report(report: dict[str, Any], output: Path) -> None:
     """`bench.json`, `bench.md` (settings + table) and `bench_search.png` in `output`."""
-    import matplotlib
+    import matplotlib  # matplotlib: heavy, only for plots
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: heavy, only for plots
 
     output.mkdir(parents=True, exist_ok=True)
     (output / "bench.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from distill.deploy.runtime import ExportedModel
 from distill.errors import ConfigError
+from distill.training.checkpoint import load_checkpoint
 
 
 @runtime_checkable
@@ -53,8 +55,6 @@ class CheckpointEmbedder:
     """
 
     def __init__(self, path: str | Path, model: str | None = None, *, device: str = "cpu") -> None:
-        from distill.evaluate import load_checkpoint
-
         module = load_checkpoint(path)
         name = model or module.config.eval.model
         if name not in module.graph.models:
@@ -94,10 +94,6 @@ class ExportEmbedder:
     """
 
     def __init__(self, folder: str | Path, *, threads: int | None = None) -> None:
-        try:
-            from distill.deploy.runtime import ExportedModel
-        except ImportError as e:
-            raise ConfigError(f"--model: {str(folder)!r} is an export folder, but the runtime cannot load: {e}") from e
         self.folder = Path(folder)
         self.model: Any = ExportedModel(folder, threads=threads) if threads else ExportedModel(folder)
         self.embed_dim = int(self.model.embed_dim)

@@ -20,12 +20,13 @@ import difflib
 import json
 import logging
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_model
 from torch import Tensor, nn
 
 from distill.deploy.parity import (
@@ -38,7 +39,9 @@ from distill.deploy.parity import (
 )
 from distill.deploy.runtime import MANIFEST, ExportedModel
 from distill.errors import ConfigError
+from distill.io import atomic_folder
 from distill.models.base import Encoder
+from distill.training.checkpoint import load_checkpoint
 
 FORMATS = {"onnx": ("image.onnx", "text.onnx"), "torchscript": ("image.pt", "text.pt")}
 QUANTIZATIONS = ("int8",)
@@ -128,7 +131,10 @@ def write_towers(encoder: Encoder, folder: Path, fmt: str, pixels: Tensor, token
 
 def quantize_int8(source: Path, target: Path) -> None:
     """Dynamic int8 quantisation of an ONNX file (weights int8, activations quantised on the fly)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import (  # onnxruntime: heavy, only for int8 exports
+        QuantType,
+        quantize_dynamic,
+    )
 
     logging.disable(logging.WARNING)  # "consider pre-processing" is advice printed on every call
     try:
@@ -141,15 +147,6 @@ def _check_output(output: Path) -> None:
     """Refuse to replace a folder that is not an earlier export."""
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / MANIFEST).is_file())):
         raise ConfigError(f"--output: {output} exists and is not an export folder; choose another path")
-
-
-def _publish(tmp: Path, output: Path) -> None:
-    """Move a finished export into place, replacing an earlier export of the same path."""
-    old = output.with_name(f".{output.name}.old-{os.getpid()}")
-    if output.exists():
-        output.rename(old)
-    tmp.rename(output)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
@@ -190,8 +187,6 @@ def export_checkpoint(
         ConfigError: A missing checkpoint, unknown model, format or quantisation.
         ParityError: The export's embeddings differ from PyTorch's.
     """
-    from distill.evaluate import load_checkpoint
-
     _choice(format, FORMATS, "--format")
     _choice(quantize_text, QUANTIZATIONS, "--quantize-text")
     if quantize_text and format != "onnx":
@@ -201,17 +196,10 @@ def export_checkpoint(
     output = Path(output) if output else Path(checkpoint).parent / f"export-{name}-{format}"
     _check_output(output)
     pics, texts = parity_inputs(module.config, images=images, captions=captions, n=parity_images)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(output) as tmp:  # an earlier export of the same path is replaced whole
         manifest = _export(module.config, name, encoder, tmp, output, format, pics, texts, quantize_text, weights)
         manifest["source"] = str(Path(checkpoint).resolve())
         _write_manifest(tmp, manifest)
-        _publish(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 
@@ -257,8 +245,6 @@ def _export(
         parity.update(text_fp32=parity["text"], text=worst["text"], text_min_cosine=INT8_MIN_COSINE)
         parity["int8_recall"] = {"split": split, **text_recall_cost(fp32, int8, items)}
     if weights:
-        from safetensors.torch import save_model
-
         save_model(encoder, str(tmp / "weights.safetensors"))
         spec = config.models[name]
         manifest["weights"] = {"file": "weights.safetensors", "type": spec.type, "args": _plain(spec.args)}
@@ -268,8 +254,6 @@ def _export(
 
 def _plain(args: Any) -> Any:
     """Model arguments as plain JSON values (omegaconf containers included)."""
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(args) if OmegaConf.is_config(args) else json.loads(json.dumps(args or {}))
 
 

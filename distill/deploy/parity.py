@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distill.data.base import EvalImage
+from distill.data.base import EvalImage, open_dataset
 from distill.deploy.runtime import ExportedModel
 from distill.errors import ConfigError
+from distill.eval.retrieval import retrieval_metrics
 from distill.models.base import Encoder
 
 MIN_COSINE = 0.9999
@@ -42,9 +43,7 @@ def eval_items(config: Any, split: str | None = None, limit: int | None = None) 
     Returns:
         The split read and its items.
     """
-    from distill.data.datamodule import build_dataset
-
-    dataset = build_dataset(config.data.dataset, config.data.args)
+    dataset = open_dataset(config.data.dataset, config.data.args)
     problems = dataset.check()
     if problems:
         raise ConfigError([*problems, "export: the parity inputs come from this dataset; pass --images and --captions"])
@@ -174,8 +173,6 @@ def text_recall_cost(fp32: ExportedModel, int8: ExportedModel, items: Sequence[E
     Returns:
         `{"images", "captions", "fp32": metrics, "int8": metrics, "rsum_drop"}`.
     """
-    from distill.eval.retrieval import retrieval_metrics
-
     image = torch.from_numpy(fp32.encode_images([im for _, im, _ in items]))
     image_ids = torch.tensor([i for i, _, _ in items])
     captions = [c for _, _, caps in items for c in caps]

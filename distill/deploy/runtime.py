@@ -75,7 +75,7 @@ class _OnnxTower:
     """One onnxruntime session on the CPU; called with named numpy inputs."""
 
     def __init__(self, path: Path, threads: int) -> None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # onnxruntime: heavy, only for ONNX exports
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -93,7 +93,7 @@ class _TorchScriptTower:
     """One `torch.jit.load`ed module; same calling convention as `_OnnxTower`."""
 
     def __init__(self, path: Path, names: tuple[str, ...]) -> None:
-        import torch
+        import torch  # torch: optional here, only for TorchScript exports
 
         self.torch = torch
         with warnings.catch_warnings():
@@ -122,7 +122,7 @@ class ExportedModel:
     """
 
     def __init__(self, folder: str | Path, *, threads: int | None = None) -> None:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # transformers: heavy, imported when a model loads
 
         self.folder = Path(folder).expanduser()
         self.manifest = read_manifest(self.folder)

@@ -17,18 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import yaml
 from PIL import Image, ImageDraw, ImageFont
 
 from distill.deploy.embedders import Embedder, load_embedder, resolve_spec
-from distill.deploy.search_index import SearchIndex, build_index, require_faiss, save_index
+from distill.deploy.search_index import SearchIndex, index_images, require_faiss, save_search_index
 from distill.deploy.sources import DatasetSource, Skipped, parse_source
 from distill.errors import ConfigError
 
 
 def parse_data_args(pairs: list[str] | None) -> dict[str, Any]:
     """`["n_test=100", "root=/data"]` -> {"n_test": 100, "root": "/data"} (values read as YAML)."""
-    import yaml
-
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -38,7 +38,7 @@ def parse_data_args(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def build_command(
+def build_search_index(
     sources: list[str], *, model: str, output: str, batch_size: int = 64, dtype: str = "float32",
     thumb_size: int = 128, faiss: bool = False, device: str = "cpu", data_args: list[str] | None = None,
     threads: int | None = None, progress: bool = True,
@@ -64,11 +64,11 @@ def build_command(
     if problems:
         raise ConfigError(problems)
     embedder = load_embedder(model, device=device, threads=threads)
-    index, skipped = build_index(
+    index, skipped = index_images(
         parsed, embedder, model=resolve_spec(model), names=sources, batch_size=batch_size,
         dtype=dtype, thumb_size=thumb_size, backend="faiss" if faiss else "exact", progress=progress,
     )  # fmt: skip
-    save_index(index, output)
+    save_search_index(index, output)
     return index, skipped
 
 
@@ -105,8 +105,6 @@ def torch_threads(n: int | None) -> Iterator[None]:
     it to a second thread costs more than it saves (on a busy 2-core machine, 100x more
     for a small text encoder: 170 ms instead of 2 ms).
     """
-    import torch
-
     before = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)

@@ -27,7 +27,6 @@ when asked for and installed.
 from __future__ import annotations
 
 import io
-import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +40,7 @@ from tqdm import tqdm
 from distill.deploy.embedders import Embedder, describe
 from distill.deploy.sources import Item, Skipped, Source, read_image
 from distill.errors import ConfigError
+from distill.io import atomic_path
 
 VERSION = 1
 KIND = "distill-search-index"
@@ -61,13 +61,13 @@ def thumbnail(image: Image.Image, size: int) -> bytes:
 def require_faiss() -> Any:
     """The `faiss` module, or a one-line error saying how to get it."""
     try:
-        import faiss
+        import faiss  # faiss: optional extra (faiss-cpu)
     except ImportError as e:
         raise ConfigError("--faiss: the faiss package is not installed (pip install faiss-cpu); without --faiss the exact torch search needs nothing extra") from e
     return faiss
 
 
-def build_index(
+def index_images(
     sources: Sequence[Source],
     embedder: Embedder,
     *,
@@ -151,21 +151,15 @@ def build_index(
     return index, skipped
 
 
-def save_index(index: dict[str, Any], path: str | Path) -> Path:
-    """Write an index atomically (tmp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
+def save_search_index(index: dict[str, Any], path: str | Path) -> Path:
+    """Write a search index atomically (`distill.io.atomic_path`)."""
+    with atomic_path(path) as tmp:
         torch.save({k: index[k] for k in FIELDS}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
-def load_index(path: str | Path) -> dict[str, Any]:
-    """Read an index written by `save_index` (tensors memory-mapped).
+def load_search_index(path: str | Path) -> dict[str, Any]:
+    """Read a search index written by `save_search_index` (tensors memory-mapped).
 
     Raises:
         ConfigError: If the file is missing or is not a search index.
@@ -177,8 +171,8 @@ def load_index(path: str | Path) -> dict[str, Any]:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # not a torch zip file, or one holding arbitrary objects
         raise ConfigError(f"INDEX: {str(path)!r} is not a distill search index ({type(e).__name__})") from e
-    if isinstance(data, dict) and data.get("kind") != KIND and "i2t" in data:
-        raise ConfigError(f"INDEX: {str(path)!r} is a hard-negative index (`distill index mine`), not a search index")
+    if isinstance(data, dict) and data.get("kind") != KIND and ("i2t" in data or data.get("kind") == "distill-negatives"):
+        raise ConfigError(f"INDEX: {str(path)!r} holds mined negatives (`distill index mine`), not a search index")
     missing = [f for f in FIELDS if f not in data] if isinstance(data, dict) else list(FIELDS)
     if missing or data.get("kind") != KIND:
         raise ConfigError(f"INDEX: {str(path)!r} is not a distill search index (missing {', '.join(missing) or 'kind'})")
@@ -219,7 +213,7 @@ class SearchIndex:
     @classmethod
     def open(cls, path: str | Path, *, backend: str | None = None) -> SearchIndex:
         """Load an index file."""
-        return cls(load_index(path), backend=backend, path=path)
+        return cls(load_search_index(path), backend=backend, path=path)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -17,6 +17,7 @@ Unreadable images are skipped and counted by reason, never raised.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import tarfile
@@ -26,11 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import webdataset as wds
 from PIL import Image
 
-from distill.data.base import Part, open_rgb
-from distill.data.webdataset import IMAGE_EXTS, _local_path, check_urls, expand_urls
+from distill.data.base import Part, clean_captions, open_dataset, open_rgb
+from distill.data.webdataset import IMAGE_EXTS, check_urls, expand_urls, local_path
 from distill.errors import ConfigError
+from distill.registry import DATASETS
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -94,10 +97,6 @@ class FolderSource:
 
 def shard_caption(sample: dict[str, Any]) -> str:
     """The first caption of a webdataset sample (`json` captions/caption, else `txt`), or ``."""
-    import json
-
-    from distill.data.base import clean_captions
-
     try:
         meta = json.loads(sample["json"]) if "json" in sample else {}
     except ValueError:
@@ -113,11 +112,9 @@ class ShardSource:
     """The images of webdataset shards, shard after shard, in stored order."""
 
     def __init__(self, urls: list[str]) -> None:
-        self.urls = [str(p.resolve()) if (p := _local_path(u)) is not None else u for u in urls]
+        self.urls = [str(p.resolve()) if (p := local_path(u)) is not None else u for u in urls]
 
     def items(self, skipped: Skipped) -> Iterator[Item]:
-        import webdataset as wds
-
         for url in self.urls:
             def handler(exn: Exception, url: str = url) -> bool:
                 skipped.add("unreadable shard data", f"{url}: {exn}")
@@ -141,10 +138,8 @@ class DatasetSource:
     """One split of a registered dataset (`synthetic:test`), in stored order."""
 
     def __init__(self, name: str, split: str, args: dict[str, Any]) -> None:
-        from distill.data.datamodule import build_dataset
-
         self.name, self.split = name, split
-        self.dataset = build_dataset(name, args)
+        self.dataset = open_dataset(name, args)
         problems = self.dataset.check()
         if problems:
             raise ConfigError(problems)
@@ -170,9 +165,6 @@ def parse_source(source: str, data_args: dict[str, Any] | None = None) -> Source
     Raises:
         ConfigError: One line naming the source when it does not exist or cannot be read.
     """
-    import distill.data  # noqa: F401  (fills the dataset registry)
-    from distill.registry import DATASETS
-
     path = Path(source).expanduser()
     if path.is_dir():
         found = FolderSource(path)

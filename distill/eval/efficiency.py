@@ -39,7 +39,7 @@ def file_size_mb(path: str | os.PathLike[str]) -> float:
     return Path(path).stat().st_size / _MIB
 
 
-def _median_ms(fn: Callable[[], object], repeats: int, warmup: int, sync: bool) -> float:
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int, sync: bool) -> float:
     """Median wall time of `fn()` in milliseconds after `warmup` unmeasured calls."""
     for _ in range(warmup):
         fn()
@@ -88,8 +88,8 @@ def encode_latency_ms(
     encoder.eval()
     try:
         with torch.inference_mode():
-            image_ms = _median_ms(lambda: encoder.encode_image(image_input), repeats, warmup, sync)
-            text_ms = _median_ms(lambda: encoder.encode_text(ids, mask), repeats, warmup, sync)
+            image_ms = median_ms(lambda: encoder.encode_image(image_input), repeats, warmup, sync)
+            text_ms = median_ms(lambda: encoder.encode_text(ids, mask), repeats, warmup, sync)
     finally:
         encoder.train(was_training)
     n_img, n_txt = image_input.shape[0], ids.shape[0]

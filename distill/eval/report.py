@@ -8,10 +8,11 @@ teacher) is the reference of the relative columns.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from distill.io import atomic_path, write_json, write_text
 
 ROW_KEYS = ("name", "params", "rsum", "i2t", "t2i", "image_ms", "text_ms")
 RECALL_KEYS = ("r1", "r5", "r10")
@@ -102,8 +103,8 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def _plot(rows: Sequence[Mapping[str, Any]], path: Path, dataset: str) -> None:
     """Recall bars per model (left), params and latency bars (right), saved as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib: heavy, only for plots
+    from matplotlib.figure import Figure  # matplotlib: heavy, only for plots
 
     fig = Figure(figsize=(14, 5), layout="constrained")
     FigureCanvasAgg(fig)  # Agg without touching pyplot's global backend
@@ -134,7 +135,8 @@ def _plot(rows: Sequence[Mapping[str, Any]], path: Path, dataset: str) -> None:
     right.set_title("Size and CPU latency")
     handles = right.get_legend_handles_labels()[0] + ms.get_legend_handles_labels()[0]
     right.legend(handles, [str(h.get_label()) for h in handles], fontsize="small")
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def write_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, dataset: str) -> dict[str, Any]:
@@ -155,7 +157,7 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, dataset: str)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"dataset": dataset, "models": [dict(row) for row in rows]}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out_dir / "report.json", report)
     md = [
         f"# Retrieval report: {dataset}",
         "",
@@ -167,6 +169,6 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, dataset: str)
         "![report](report.png)",
         "",
     ]
-    (out_dir / "report.md").write_text("\n".join(md))
+    write_text(out_dir / "report.md", "\n".join(md))
     _plot(rows, out_dir / "report.png", dataset)
     return report

@@ -1,6 +1,5 @@
-"""Loss edges. Each family lives in its own file; importing this package registers them."""
+"""Loss edges, one family per file; `LOSSES` imports every module here on first lookup."""
 
-from distill.losses import contrastive, ensemble, feature, fused, hard_negative, itm, similarity  # noqa: F401
-from distill.losses._base import EdgeContext, EdgeLoss
+from distill.losses.base import EdgeContext, EdgeLoss
 
 __all__ = ["EdgeContext", "EdgeLoss"]

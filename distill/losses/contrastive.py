@@ -7,7 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from distill.losses._base import (
+from distill.losses.base import (
+    ArgumentError,
     EdgeContext,
     EdgeLoss,
     as_float,
@@ -43,6 +44,14 @@ class InfoNCE(EdgeLoss):
     ) -> None:
         super().__init__()
         check_temperature(temperature, "temperature")
+        if not (max_logit_scale > 0 and math.isfinite(max_logit_scale)):
+            raise ArgumentError("max_logit_scale", f"max_logit_scale must be a finite number > 0, got {max_logit_scale}")
+        if 1.0 / temperature > max_logit_scale:  # scale() would silently clamp it to the cap
+            raise ArgumentError(
+                "temperature",
+                f"temperature {temperature:g} is below 1/max_logit_scale = {1.0 / max_logit_scale:g}, where the "
+                "logit scale is clamped; raise the temperature or max_logit_scale",
+            )
         self.max_logit_scale = max_logit_scale
         log_scale = torch.tensor(math.log(1.0 / temperature))
         if learnable:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.losses._base import EdgeContext, EdgeLoss, as_float, check_temperature
+from distill.losses.base import ArgumentError, EdgeContext, EdgeLoss, as_float, check_temperature
 from distill.registry import LOSSES
 
 
@@ -52,7 +52,7 @@ class SimilarityKLEnsemble(EdgeLoss):
         for t in temps:
             check_temperature(t, "teacher_temperatures")
         if min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(f"teacher_weights must be >= 0 with a positive sum, got {weights}")
+            raise ArgumentError("teacher_weights", f"teacher_weights must be >= 0 with a positive sum, got {weights}")
         self.tau_s, self.tau_t = student_temperature, temps
         self.weights = [w / sum(weights) for w in weights]
         self.columns = columns

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.losses._base import EdgeContext, EdgeLoss, as_float
+from distill.losses.base import ArgumentError, EdgeContext, EdgeLoss, as_float
 from distill.registry import LOSSES
 
 DISTANCES = ("mse", "l1", "cosine")
@@ -32,7 +32,7 @@ class FeatureDistance(EdgeLoss):
     def __init__(self, *, distance: str = "mse") -> None:
         super().__init__()
         if distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+            raise ArgumentError("distance", f"distance must be one of {DISTANCES}, got {distance!r}")
         self.distance = distance
 
     def forward(self, student: Tensor, teacher: Tensor, *, ctx: EdgeContext) -> Tensor:

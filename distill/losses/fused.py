@@ -24,7 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.losses._base import EdgeContext, EdgeLoss, as_float, check_temperature, positive_mask
+from distill.losses.base import (
+    ArgumentError,
+    EdgeContext,
+    EdgeLoss,
+    as_float,
+    check_temperature,
+    positive_mask,
+)
 from distill.losses.ensemble import kl_to_mixture
 from distill.models.fusion import PairScorer
 from distill.registry import LOSSES
@@ -107,9 +114,9 @@ class FusedKL(EdgeLoss):
     ) -> None:
         super().__init__()
         if mix not in MIXES:
-            raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
+            raise ArgumentError("mix", f"mix must be one of {MIXES}, got {mix!r}")
         if not 0.0 <= alpha <= 1.0 and mix == "prob":
-            raise ValueError(f"alpha must be in [0, 1] with mix: prob, got {alpha}")
+            raise ArgumentError("alpha", f"alpha must be in [0, 1] with mix: prob, got {alpha}")
         if alpha < 0 or k < 0:
             raise ValueError(f"alpha and k must be >= 0, got alpha={alpha}, k={k}")
         for name, value in (("student_temperature", student_temperature),
@@ -171,7 +178,7 @@ class FusedFeature(EdgeLoss):
     def __init__(self, *, beta: float = 0.5) -> None:
         super().__init__()
         if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {beta}")
+            raise ArgumentError("beta", f"beta must be in [0, 1], got {beta}")
         self.beta = beta
         self.proj_image: nn.Module | None = None
         self.proj_text: nn.Module | None = None

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distill.losses._base import (
+from distill.losses.base import (
+    ArgumentError,
     EdgeContext,
     EdgeLoss,
     as_float,
@@ -41,13 +42,14 @@ class HardNegative(EdgeLoss):
     that is fixed while this loss trains (Leaner-and-Faster's stage 2). Computed on each
     rank's local rows (sample keys are not gathered).
 
-    The index file is read on first use, or attached earlier by `distill.index.attach`
-    (which `fit` does, so a missing file fails before training). `refresh_every` is read by
-    `distill.index.IndexRefresh`, which re-embeds the corpus with the current weights of
-    the index's model and re-mines every `refresh_every` steps.
+    The loss never opens a file: `fit` reads the negatives file named by `index` and hands
+    it over with `set_negatives` (`distill.negatives.refresh.attach_negatives`), so a
+    missing file fails before training. `refresh_every` is read by
+    `distill.negatives.refresh.NegativesRefresh`, which re-embeds the corpus with the
+    current weights of the file's model and re-mines every `refresh_every` steps.
 
     Args:
-        index: Path of an index written by `distill index mine` (or a stage's `build_index`).
+        index: Path of a negatives file written by `distill index mine` (or a stage's `build_index`).
         k: Mined negatives per row (at most the index's k).
         temperature: tau.
         direction: "i2t" or "t2i".
@@ -70,19 +72,19 @@ class HardNegative(EdgeLoss):
         super().__init__()
         check_temperature(temperature, "temperature")
         if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+            raise ArgumentError("direction", f"direction must be one of {DIRECTIONS}, got {direction!r}")
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise ArgumentError("k", f"k must be >= 1, got {k}")
         if refresh_every is not None and refresh_every < 1:
-            raise ValueError(f"refresh_every must be >= 1 or null, got {refresh_every}")
+            raise ArgumentError("refresh_every", f"refresh_every must be >= 1 or null, got {refresh_every}")
         self.index_path, self.k, self.tau = index, k, temperature
         self.direction, self.refresh_every = direction, refresh_every
         self.rows: dict[str, int] = {}
         self.table: Tensor | None = None  # (N, k) candidate rows per sample; not in the state dict
         self.bank: Tensor | None = None  # (M, D) candidate embeddings
 
-    def set_index(self, index: Mapping[str, Any]) -> None:
-        """Use an index (the dict `distill.index.load_index` returns).
+    def set_negatives(self, index: Mapping[str, Any]) -> None:
+        """Use mined negatives (the dict `distill.negatives.store.load_negatives` returns).
 
         Raises:
             ValueError: If the index mines fewer than `k` negatives per sample.
@@ -97,10 +99,10 @@ class HardNegative(EdgeLoss):
     def negatives(self, keys: list[str], device: torch.device) -> Tensor:
         """(B, k, D) index embeddings of the mined negatives of the samples `keys`."""
         if self.table is None or self.bank is None:
-            from distill.index import load_index
-
-            self.set_index(load_index(self.index_path))
-        assert self.table is not None and self.bank is not None
+            raise RuntimeError(
+                f"no negatives attached for {self.index_path!r}: `fit` attaches them "
+                "(distill.negatives.refresh.attach_negatives); call set_negatives first"
+            )
         missing = [key for key in keys if key not in self.rows]
         if missing:
             raise KeyError(f"sample {missing[0]!r} is not in the index {self.index_path!r}; was it built from this dataset?")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.losses._base import EdgeContext, EdgeLoss, as_float, check_temperature, positive_mask
+from distill.losses.base import EdgeContext, EdgeLoss, as_float, check_temperature, positive_mask
 from distill.models.fusion import PairScorer
 from distill.registry import LOSSES
 

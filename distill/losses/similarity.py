@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from distill.losses._base import EdgeContext, EdgeLoss, as_float, check_temperature, kl_rows
+from distill.losses.base import EdgeContext, EdgeLoss, as_float, check_temperature, kl_rows
 from distill.registry import LOSSES
 
 _SLOTS = ("student_a", "student_b", "teacher_a", "teacher_b")

@@ -37,6 +37,6 @@ def load_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
 
 def load_tokenizer(name: str | None) -> Any:
     """A tokenizer from a hub id or folder; the bundled word-level tokenizer by default."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # transformers: heavy, imported when a model loads
 
     return load_pretrained(AutoTokenizer, name or DEFAULT_TOKENIZER, "tokenizer")

@@ -39,6 +39,7 @@ class ImagePreprocess:
 
     def __call__(self, image: Any) -> Tensor:
         """PIL image -> (3, size, size) float tensor."""
+        # torchvision: heavy, imported when preprocessing first runs
         from torchvision.transforms import functional as F
 
         image = image.convert("RGB")

@@ -37,7 +37,11 @@ class BlipITM(Encoder):
 
     def __init__(self, *, path: str, max_length: int = 35, chunk_size: int = 64) -> None:
         super().__init__()
-        from transformers import AutoImageProcessor, AutoTokenizer, BlipForImageTextRetrieval
+        from transformers import (  # transformers: heavy, imported when a model loads
+            AutoImageProcessor,
+            AutoTokenizer,
+            BlipForImageTextRetrieval,
+        )
 
         self.model = load_pretrained(BlipForImageTextRetrieval, path, "BLIP model")
         self.tokenizer = load_pretrained(AutoTokenizer, path, "tokenizer")
@@ -51,7 +55,7 @@ class BlipITM(Encoder):
 
     @classmethod
     def describe(cls, *, path: str, **_: Any) -> dict[str, int]:
-        from transformers import AutoConfig
+        from transformers import AutoConfig  # transformers: heavy, imported when a model loads
 
         config = load_pretrained(AutoConfig, path, "BLIP model")
         archs = list(getattr(config, "architectures", None) or [])

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import difflib
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from distill.errors import ConfigError
+from distill.io import atomic_folder
 from distill.models._hf import check_source, load_pretrained, load_tokenizer
 from distill.models.base import Encoder, ImagePreprocess, TextPreprocess, l2norm, masked_mean
-from distill.models.init import keep_layers, text_layers_problem
+from distill.models.inherit import keep_layers, text_layers_problem
 from distill.registry import MODELS
 
 TIMM_SOURCES = ("local-dir:", "hf-hub:")
 
 
 def _check_timm(name: str) -> None:
-    import timm
+    import timm  # timm: heavy, imported when a model loads
 
     if name.startswith("local-dir:"):
         folder = name.split(":", 1)[1]
@@ -37,7 +38,10 @@ def _check_timm(name: str) -> None:
 
 def build_text_tower(text_model: str | None, text_config: dict[str, Any] | None, vocab: int) -> nn.Module:
     """A Hugging Face encoder from a hub id / folder, or from a config mapping (random init)."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import (  # transformers: heavy, imported when a model loads
+        AutoConfig,
+        AutoModel,
+    )
 
     if text_model:
         return load_pretrained(AutoModel, text_model, "text model")
@@ -48,7 +52,7 @@ def build_text_tower(text_model: str | None, text_config: dict[str, Any] | None,
 
 
 def _check_text_layers(text_model: str | None, text_config: dict[str, Any] | None, layers: int | list[int]) -> None:
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # transformers: heavy, imported when a model loads
 
     if text_model:
         n = load_pretrained(AutoConfig, text_model, "text model").num_hidden_layers
@@ -96,7 +100,7 @@ class DualEncoder(Encoder):
         max_length: int = 32,
     ) -> None:
         super().__init__()
-        import timm
+        import timm  # timm: heavy, imported when a model loads
 
         self.image_size, self.pooling, self.max_length = image_size, pooling, max_length
         self.embed_dim = embed_dim
@@ -175,25 +179,19 @@ class DualEncoder(Encoder):
         holds the two projections and `towers.json` the remaining settings. Written to a
         temporary folder and renamed, so a crash never leaves half a teacher behind.
         """
-        from safetensors.torch import save_file
-        from timm.models import save_for_hf
+        from timm.models import save_for_hf  # timm: heavy, imported when a model loads
 
-        folder = Path(folder)
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_for_hf(self.image_tower, str(tmp / "image"), model_args=self.image_args, safe_serialization=True)
-        self.text_tower.save_pretrained(tmp / "text")
-        self.tokenizer.save_pretrained(tmp / "tokenizer")
-        heads = {f"image_proj.{k}": v for k, v in self.image_proj.state_dict().items()}
-        heads.update({f"text_proj.{k}": v for k, v in self.text_proj.state_dict().items()})
-        save_file({k: v.contiguous() for k, v in heads.items()}, str(tmp / "heads.safetensors"))
-        settings = {"embed_dim": self.embed_dim, "image_size": self.image_size, "pooling": self.pooling,
-                    "max_length": self.max_length, "image_mean": list(self.image_mean), "image_std": list(self.image_std)}
-        (tmp / "towers.json").write_text(json.dumps(settings, indent=2))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-        return folder
+        with atomic_folder(folder) as tmp:
+            save_for_hf(self.image_tower, str(tmp / "image"), model_args=self.image_args, safe_serialization=True)
+            self.text_tower.save_pretrained(tmp / "text")
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            heads = {f"image_proj.{k}": v for k, v in self.image_proj.state_dict().items()}
+            heads.update({f"text_proj.{k}": v for k, v in self.text_proj.state_dict().items()})
+            save_file({k: v.contiguous() for k, v in heads.items()}, str(tmp / "heads.safetensors"))
+            settings = {"embed_dim": self.embed_dim, "image_size": self.image_size, "pooling": self.pooling,
+                        "max_length": self.max_length, "image_mean": list(self.image_mean), "image_std": list(self.image_std)}
+            (tmp / "towers.json").write_text(json.dumps(settings, indent=2))
+        return Path(folder)
 
 
 def read_towers(path: str) -> dict[str, Any]:
@@ -216,7 +214,6 @@ class Towers(DualEncoder):
     """
 
     def __init__(self, *, path: str) -> None:
-        from safetensors.torch import load_file
 
         root = Path(path).expanduser()
         s = read_towers(path)

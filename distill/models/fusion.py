@@ -11,17 +11,18 @@ copies it.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from distill.batch import ModelInputs
 from distill.errors import ConfigError
+from distill.io import atomic_folder
 from distill.models._hf import load_tokenizer
 from distill.models.base import Encoder, ImagePreprocess, TextPreprocess, l2norm, masked_mean
 from distill.registry import MODELS
@@ -195,18 +196,12 @@ def check_architecture(arch: dict[str, Any]) -> None:
 
 def save_folder(model: nn.Module, tokenizer: Any, kind: str, arch: dict[str, Any], folder: str | Path) -> Path:
     """Write `fusion.json` (kind + architecture), `model.safetensors` and `tokenizer/`, atomically."""
-    from safetensors.torch import save_file
 
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    tokenizer.save_pretrained(tmp / "tokenizer")
-    (tmp / "fusion.json").write_text(json.dumps({"kind": kind, **arch}, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder
+    with atomic_folder(folder) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        (tmp / "fusion.json").write_text(json.dumps({"kind": kind, **arch}, indent=2))
+    return Path(folder)
 
 
 @MODELS.register("fusion")
@@ -248,7 +243,6 @@ class Fusion(Encoder):
         self.backbone = FusionBackbone(vocab=len(self.tokenizer), **self.arch)
         self.itm_head = nn.Linear(self.arch["width"], 1)
         if path:
-            from safetensors.torch import load_file
 
             self.load_state_dict(load_file(str(Path(path).expanduser() / "model.safetensors")))
 

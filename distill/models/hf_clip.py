@@ -39,7 +39,11 @@ class HFClip(Encoder):
 
     def __init__(self, *, path: str, max_length: int = 77) -> None:
         super().__init__()
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+        from transformers import (  # transformers: heavy, imported when a model loads
+            AutoImageProcessor,
+            AutoModel,
+            AutoTokenizer,
+        )
 
         self.model = load_pretrained(AutoModel, path, "model")
         self.tokenizer = load_pretrained(AutoTokenizer, path, "tokenizer")
@@ -53,7 +57,7 @@ class HFClip(Encoder):
 
     @classmethod
     def describe(cls, *, path: str, **_: Any) -> dict[str, int]:
-        from transformers import AutoConfig
+        from transformers import AutoConfig  # transformers: heavy, imported when a model loads
 
         config = load_pretrained(AutoConfig, path, "model")
         dim = getattr(config, "projection_dim", None)

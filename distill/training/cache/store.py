@@ -27,7 +27,7 @@ candidates depend on which rows share the batch), and any model whose preprocess
 declares augmentation (`ImagePreprocess.deterministic = False`): a cached output would be
 one fixed view where training expects a fresh one; caching such a model is refused.
 
-Under DDP (`torchrun ... -m distill.cli cache`), each rank encodes its share of the images
+Under DDP (`torchrun ... -m distill cache`), each rank encodes its share of the images
 (`Part` split by rank, then loader worker) into `parts/`, and rank 0 merges the parts into
 the sorted arrays after a barrier; `meta.json` is written last, so a half-built entry is
 never read.
@@ -46,10 +46,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distill.config import Config
+from distill.config.schema import Config
+from distill.core.build import load_models
+from distill.core.graph import DTYPES, split_node
 from distill.errors import ConfigError
-from distill.graph import DTYPES, split_node
 from distill.models.base import Encoder
+from distill.registry import DATASETS
 
 log = logging.getLogger(__name__)
 CACHEABLE = ("image", "text")
@@ -90,8 +92,6 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 def dataset_hash(config: Config) -> str:
     """The training data: registered dataset name, its args and its class `version`."""
-    from distill.registry import DATASETS
-
     version = getattr(DATASETS.get(config.data.dataset), "version", 0)
     return _sha(config.data.dataset, dict(config.data.args), version)
 
@@ -129,8 +129,6 @@ def cache_plan(config: Config) -> dict[str, list[str]]:
 def load_frozen(config: Config, name: str) -> Encoder:
     """Model `name` as `build_graph` makes it (init, precision), in eval mode, without
     disturbing the global RNG (random-init parts come from `config.seed`)."""
-    from distill.build import load_models
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = load_models(config, [name])[name]

@@ -1,29 +1,39 @@
-"""Running a config: the Lightning trainer, callbacks, output folder and resume."""
+"""The Lightning trainer of a run: strategy, callbacks, logging, atomic checkpoints, resume."""
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.strategies import DDPStrategy
 
-from distill.checkpoint import AtomicCheckpointIO
-from distill.config import Config, to_yaml
+from distill.config.schema import Config
+from distill.core.graph import split_node
 from distill.errors import ConfigError
-from distill.module import DistillModule
+from distill.io import atomic_path
+from distill.training.datamodule import DistillDataModule
+from distill.training.module import DistillModule
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written through `distill.io.atomic_path`: a killed run never leaves a
+    truncated `.ckpt` behind."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
 def make_strategy(name: str) -> Any:
     """`ddp` tolerates parameters an edge subset leaves unused (e.g. a text tower no edge reads)."""
     if name == "ddp":
-        from pytorch_lightning.strategies import DDPStrategy
-
         return DDPStrategy(find_unused_parameters=True)
     return name
 
@@ -64,9 +74,6 @@ def resume_path(config: Config, out: Path) -> str | None:
 def make_datamodule(config: Config, module: DistillModule) -> pl.LightningDataModule:
     """The data module fed with each running model's own preprocessing, for the outputs it
     computes: none for a model the teacher-output cache serves entirely."""
-    from distill.data.datamodule import DistillDataModule
-    from distill.graph import split_node
-
     graph = module.graph
     live: dict[str, set[str]] = {}
     for node in graph.needed_nodes():
@@ -116,48 +123,3 @@ def make_trainer(config: Config, out: Path, callbacks: Sequence[pl.Callback] = (
     )
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)
-
-
-def fit(
-    config: Config, *, prepare: Callable[[DistillModule], list[pl.Callback]] | None = None
-) -> tuple[dict[str, float], DistillModule]:
-    """Train a config end to end (a config with `stages` runs them, see `distill.stages`).
-
-    Args:
-        config: A validated config.
-        prepare: Called with the built module before training (e.g. to load weights and
-            freeze parameters); returns extra callbacks.
-
-    Returns:
-        The final validation metrics (also written to `metrics.json`) and the trained module.
-    """
-    from distill.build import build_graph
-    from distill.cache import resolve_cache
-    from distill.data.datamodule import check_dataset
-    from distill.index import attach
-
-    if config.stages:
-        from distill.stages import run_stages
-
-        return run_stages(config)
-    quiet_lightning()
-    out = Path(config.output_dir)
-    check_dataset(config.data)
-    ckpt = resume_path(config, out)
-    cached = resolve_cache(config)  # teacher nodes read from a matching cache, not computed
-    pl.seed_everything(config.seed, workers=True, verbose=False)
-    module = DistillModule(config, graph=build_graph(config, cached))
-    data = make_datamodule(config, module)
-    callbacks = (prepare(module) if prepare else []) + attach(config, module.graph)
-    trainer = make_trainer(config, out, callbacks)
-    if trainer.is_global_zero:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(config))
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    trainer.save_checkpoint(out / "final.ckpt")  # collective: every rank calls it
-    if trainer.is_global_zero:
-        for name, folder in config.save_pretrained.items():
-            module.graph.models[name].save_pretrained(folder)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    return metrics, module

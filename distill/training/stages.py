@@ -11,7 +11,7 @@ stages:
     build_index: student                              # (re)build the hn_i2t index first
 ```
 
-`fit` runs stage i in `output_dir/stages/<i>_<name>/` (a normal run folder) with only the
+`run_stages` runs stage i in `output_dir/stages/<i>_<name>/` (a normal run folder) with only the
 stage's edges enabled. The stage starts from `init_from`: by default the previous stage's
 `final.ckpt` (the first stage from the models as built), else an earlier stage's name, a
 `.ckpt` path, or `config`. Tensors of frozen (teacher) models are not handed on; they load
@@ -28,21 +28,25 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-import os
-import re
-import shutil
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from torch import nn
 
-from distill.config import Config
+from distill.config.load import to_yaml
+from distill.config.schema import Config
+from distill.core.check import pattern_scope
+from distill.distributed import is_rank_zero
 from distill.errors import ConfigError
-
-NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+from distill.io import copy_file, write_text
+from distill.negatives.mine import mine_negatives
+from distill.negatives.refresh import hard_negative_edges
+from distill.negatives.store import load_negatives, save_negatives
+from distill.training.checkpoint import load_checkpoint, read_checkpoint
+from distill.training.fit import fit
+from distill.training.trainer import quiet_lightning
 
 
 def stage_folder(config: Config, i: int) -> Path:
@@ -53,63 +57,6 @@ def stage_folder(config: Config, i: int) -> Path:
 def finished(folder: Path) -> bool:
     """A run folder whose training completed (`final.ckpt` and `metrics.json` exist)."""
     return (folder / "final.ckpt").is_file() and (folder / "metrics.json").is_file()
-
-
-def _pattern_scope(pattern: str) -> str | None:
-    """`models.student.image_*` -> `models.student`; None when the head has wildcards."""
-    parts = pattern.split(".")
-    head = ".".join(parts[:2])
-    return head if len(parts) > 2 and not any(c in head for c in "*?[") else None
-
-
-def stage_problems(config: Config) -> list[str]:
-    """Problems of `stages:` that need no weights (patterns are checked again at fit time)."""
-    problems: list[str] = []
-    if config.resume not in (None, "last"):
-        problems.append("resume: a staged run always resumes each stage from its last.ckpt; use 'last' or null")
-    scopes = [f"models.{m}" for m, spec in config.models.items() if not spec.frozen]
-    scopes += [f"losses.{e}" for e in config.edges]
-    names: list[str] = []
-    for i, stage in enumerate(config.stages):
-        path = f"stages[{i}]"
-        if not NAME.match(stage.name):
-            problems.append(f"{path}.name: {stage.name!r} must be letters, digits, '_', '-' or '.'")
-        elif stage.name in names:
-            problems.append(f"{path}.name: {stage.name!r} is already the name of stages[{names.index(stage.name)}]")
-        if not stage.edges:
-            problems.append(f"{path}.edges: no edge; list the edges this stage trains with")
-        for j, edge in enumerate(stage.edges):
-            if edge not in config.edges:
-                close = difflib.get_close_matches(edge, list(config.edges), n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                problems.append(f"{path}.edges[{j}]: unknown edge {edge!r}; {hint}edges: {', '.join(config.edges)}")
-        if not stage.train:
-            problems.append(f"{path}.train: no pattern; use ['*'] to train every trainable parameter")
-        for j, pattern in enumerate(stage.train):
-            scope = _pattern_scope(pattern)
-            if pattern in scopes:
-                problems.append(f"{path}.train[{j}]: pattern {pattern!r} matches no parameter; did you mean '{pattern}.*'?")
-            elif scope is not None and scope not in scopes:
-                problems.append(
-                    f"{path}.train[{j}]: pattern {pattern!r} matches no parameter: {scope!r} is no trainable model "
-                    f"or edge; trainable: {', '.join(s for s in scopes if s.startswith('models.'))}, losses.<edge>"
-                )
-        if stage.max_steps is not None and stage.max_steps < 1:
-            problems.append(f"{path}.max_steps: must be >= 1, got {stage.max_steps}")
-        if stage.lr is not None and not stage.lr > 0:
-            problems.append(f"{path}.lr: must be > 0, got {stage.lr}")
-        init = stage.init_from
-        if init is not None and init != "config" and init not in names and not init.endswith(".ckpt"):
-            later = " (a stage can only start from an earlier one)" if any(s.name == init for s in config.stages) else ""
-            problems.append(f"{path}.init_from: {init!r} is no earlier stage, .ckpt path or 'config'{later}")
-        if stage.build_index is not None and stage.build_index not in config.models:
-            problems.append(f"{path}.build_index: unknown model {stage.build_index!r}; models: {', '.join(config.models)}")
-        elif stage.build_index is not None and not any(
-            config.edges[e].loss == "hard_negative" for e in stage.edges if e in config.edges
-        ):
-            problems.append(f"{path}.build_index: the stage enables no hard_negative edge to build an index for")
-        names.append(stage.name)
-    return problems
 
 
 def init_checkpoint(config: Config, i: int) -> Path | None:
@@ -146,7 +93,7 @@ def pattern_problems(config: Config, graph: Any, first: int) -> list[str]:
     problems = []
     for i in range(first, len(config.stages)):
         for j, pattern in enumerate(config.stages[i].train):
-            scope = _pattern_scope(pattern)
+            scope = pattern_scope(pattern)
             if scope and scope.startswith("models.") and scope.split(".")[1] not in graph.models:
                 continue  # that model loads in its own stage, which checks the pattern then
             if i > first and scope is None:
@@ -203,7 +150,7 @@ def load_weights(module: Any, path: Path, where: str) -> None:
     """Copy a checkpoint's tensors of trainable models and edges into `module`."""
     if not path.is_file():
         raise ConfigError(f"{where}: no such checkpoint {str(path)!r}")
-    state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
+    state = read_checkpoint(path).get("state_dict", {})
     frozen = {f"graph.models.{m}." for m in module.graph.frozen}
     own = {k for k in module.state_dict() if not k.startswith(tuple(frozen))}
     try:
@@ -213,11 +160,9 @@ def load_weights(module: Any, path: Path, where: str) -> None:
         raise ConfigError(f"{where}: {path} does not fit this stage's models: {detail}") from e
 
 
-def build_indexes(config: Config, i: int, module: Any, init: Path | None) -> None:
-    """(Re)build the index of every enabled hard_negative edge with `build_index`'s model,
-    unless the file is newer than the stage's starting checkpoint and built by that model."""
-    from distill.index import build_index, hard_negative_edges, load_index, save_index
-
+def remine_negatives(config: Config, i: int, module: Any, init: Path | None) -> None:
+    """(Re)mine the negatives of every enabled hard_negative edge with `build_index`'s model,
+    unless the file is newer than the stage's starting checkpoint and mined by that model."""
     model = config.stages[i].build_index
     if model not in module.graph.models:
         raise ConfigError(f"stages[{i}].build_index: model {model!r} is not loaded in this stage (no enabled edge reads it)")
@@ -227,31 +172,28 @@ def build_indexes(config: Config, i: int, module: Any, init: Path | None) -> Non
     for path, k in paths.items():
         file = Path(path)
         if file.is_file() and (init is None or file.stat().st_mtime >= init.stat().st_mtime):
-            if load_index(file)["model"] == model:
+            if load_negatives(file)["model"] == model:
                 continue
-        print(f"stage {config.stages[i].name}: indexing the training corpus with {model!r} -> {path}", flush=True)
-        save_index(build_index(module.graph.models[model], model, config.data, k=k), file)
+        print(f"stage {config.stages[i].name}: mining negatives of the training corpus with {model!r} -> {path}", flush=True)
+        save_negatives(mine_negatives(module.graph.models[model], model, config.data, k=k), file)
 
 
-def _rank_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+def train(config: Config) -> tuple[dict[str, float], Any]:
+    """What `distill fit` runs: every stage of a staged config, else one `fit`."""
+    return run_stages(config) if config.stages else fit(config)
 
 
 def run_stages(config: Config) -> tuple[dict[str, float], Any]:
     """Run (or resume) every stage of a staged config; see the module docstring.
 
     Returns:
-        The last stage's validation metrics and its trained module.
+        The last stage's validation metrics and its trained module (or, when every stage
+        was already finished, the last stage's checkpoint read back as `Trained`).
     """
-    from distill.config import to_yaml
-    from distill.evaluate import load_checkpoint
-    from distill.train import fit, quiet_lightning
-
     quiet_lightning()
     out = Path(config.output_dir)
-    if _rank_zero():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(config))
+    if is_rank_zero():
+        write_text(out / "config.yaml", to_yaml(config))
     module: Any = None
     metrics: dict[str, float] | None = None
     for i, stage in enumerate(config.stages):
@@ -269,7 +211,7 @@ def run_stages(config: Config) -> tuple[dict[str, float], Any]:
             if init is not None:
                 load_weights(m, init, f"stages[{i}].init_from")
             if config.stages[i].build_index:
-                build_indexes(config, i, m, init)
+                remine_negatives(config, i, m, init)
             if not set_trainable(m.graph, list(config.stages[i].train)):
                 raise ConfigError(f"stages[{i}].train: no parameter trains (the patterns match only fixed ones)")
             return [FixedInEval(fixed_modules(m.graph))]
@@ -277,12 +219,11 @@ def run_stages(config: Config) -> tuple[dict[str, float], Any]:
         print(f"stage {i} {stage.name}: edges {', '.join(stage.edges)}; trains {', '.join(stage.train)}", flush=True)
         metrics, module = fit(stage_config(config, i), prepare=prepare)
     last = stage_folder(config, len(config.stages) - 1)
-    if _rank_zero():
+    if is_rank_zero():
         for name in ("final.ckpt", "metrics.json"):
             src, dst = last / name, out / name
             if not dst.is_file() or dst.stat().st_mtime < src.stat().st_mtime:
-                shutil.copyfile(src, out / f"{name}.tmp")
-                os.replace(out / f"{name}.tmp", dst)
+                copy_file(src, dst)
     if metrics is None:
         metrics = json.loads((last / "metrics.json").read_text())
     return metrics, module if module is not None else load_checkpoint(last / "final.ckpt")

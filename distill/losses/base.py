@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -99,13 +100,23 @@ def as_float(x: Tensor) -> Tensor:
     return x.float()
 
 
+class ArgumentError(ValueError):
+    """A bad value of one constructor argument; the config check reports it at
+    `edges.<edge>.args.<argument>`."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        self.argument = argument
+        super().__init__(message)
+
+
 def check_temperature(value: float, name: str) -> None:
-    """Temperatures must be positive."""
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    """Temperatures must be positive and finite."""
+    if not (value > 0 and math.isfinite(value)):
+        raise ArgumentError(name, f"{name} must be a finite number > 0, got {value}")
 
 
 __all__ = [
+    "ArgumentError",
     "EdgeContext",
     "EdgeLoss",
     "as_float",

@@ -1,156 +1,25 @@
-"""The typed configuration schema, YAML loading with `extends:` and command-line overrides.
+"""YAML loading: `extends:` chains, `key=value` overrides, the schema merge.
 
-`load_config(path, overrides)` returns a validated `Config` or raises one `ConfigError`
-holding every problem, one line each, starting with the dotted YAML path. Nothing here
-loads weights: semantic checks against the registries live in `distill.validate`.
+`load_config(path, overrides)` returns a schema-checked `Config` or raises one
+`ConfigError` with every problem, one line each, starting with the dotted YAML path.
+Loading never runs the semantic checks against the registries: the command decides
+(`distill.core.check.load_checked` loads and checks, all problems together).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from distill.config.schema import Config
 from distill.errors import ConfigError
 
 
-@dataclass
-class ModelConfig:
-    """One model of the graph: a registered `type`, its constructor `args` and an optional
-    `init` that copies weights from another model (see `distill.models.init`)."""
-
-    type: str = MISSING
-    frozen: bool = False
-    precision: str = "fp32"
-    args: dict[str, Any] = field(default_factory=dict)
-    init: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class EdgeConfig:
-    """One edge: a registered loss, its input nodes in the loss's slot order, a weight."""
-
-    loss: str = MISSING
-    inputs: list[str] = MISSING
-    weight: float = 1.0
-    enabled: bool = True
-    args: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class DataConfig:
-    """Which registered dataset to read and how to batch it."""
-
-    dataset: str = "synthetic"
-    args: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 64
-    eval_batch_size: int = 128
-    num_workers: int = 2
-    shuffle_buffer: int = 2000
-    captions_per_image: str = "all"
-    seed: int = 0
-    steps_per_epoch: int | None = None
-
-
-@dataclass
-class OptimConfig:
-    """AdamW with linear warmup then cosine decay to `min_lr_ratio * lr`."""
-
-    lr: float = 5e-4
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.0
-
-
-@dataclass
-class TrainerConfig:
-    """The subset of `lightning.Trainer` settings that distill exposes."""
-
-    max_steps: int = 1000
-    accelerator: str = "auto"
-    devices: Any = "auto"
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
-    accumulate_grad_batches: int = 1
-    gradient_clip_val: float | None = 1.0
-    log_every_n_steps: int = 10
-    val_check_interval: int | None = None
-    limit_val_batches: float = 1.0
-    checkpoint_every_n_steps: int = 200
-    progress_bar: bool = True
-
-
-@dataclass
-class EvalConfig:
-    """Which model's image and text nodes the retrieval evaluation embeds."""
-
-    model: str = "student"
-    split: str = "val"
-    chunk_size: int = 1024
-
-
-@dataclass
-class StageConfig:
-    """One training stage of a staged run (see `distill.stages`).
-
-    `edges` are the edges enabled in the stage (every other edge is off); `train` are
-    fnmatch patterns over the graph's parameter names (`models.student.image_*`,
-    `losses.*`) of the parameters that train, every other parameter stays fixed.
-    `max_steps` and `lr` default to `trainer.max_steps` and `optim.lr`. `init_from` is an
-    earlier stage's name, a `.ckpt` path or `config` (the models as built); by default
-    the previous stage's final checkpoint. `build_index` names a model that (re)builds the
-    index file of every enabled `hard_negative` edge before the stage trains.
-    """
-
-    name: str = MISSING
-    edges: list[str] = MISSING
-    train: list[str] = field(default_factory=lambda: ["*"])
-    max_steps: int | None = None
-    lr: float | None = None
-    init_from: str | None = None
-    build_index: str | None = None
-
-
-@dataclass
-class CacheConfig:
-    """Where teacher outputs are cached (`distill cache`) and whether `fit` reads them.
-
-    `mode`: `auto` reads a cache whose fingerprint matches and runs the teacher otherwise;
-    `require` refuses to train without a matching cache; `never` ignores caches (not `off`,
-    which YAML reads as false).
-    """
-
-    dir: str = "runs/cache"
-    mode: str = "auto"
-
-
-@dataclass
-class Config:
-    """The whole experiment."""
-
-    name: str = "run"
-    seed: int = 0
-    output_dir: str = "runs/${name}"
-    resume: str | None = None
-    plugins: list[str] = field(default_factory=list)
-    models: dict[str, ModelConfig] = field(default_factory=dict)
-    edges: dict[str, EdgeConfig] = field(default_factory=dict)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    save_pretrained: dict[str, str] = field(default_factory=dict)
-    stages: list[StageConfig] = field(default_factory=list)
-
-
-def _read_yaml(path: Path, where: str) -> DictConfig:
+def read_yaml(path: Path, where: str) -> DictConfig:
+    """A YAML file whose top level is a mapping, or a one-line `ConfigError` naming it."""
     if not path.is_file():
         raise ConfigError(f"{where}: no such config file {str(path)!r}")
     try:
@@ -169,7 +38,7 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = (), _where: str = "conf
     if path in _seen:
         chain = " -> ".join(p.name for p in (*_seen, path))
         raise ConfigError(f"{path}: extends cycle {chain}")
-    raw = _read_yaml(path, _where)
+    raw = read_yaml(path, _where)
     bases = raw.pop("extends", None)
     if bases is None:
         return raw
@@ -249,15 +118,25 @@ def merge_with_schema(raw: DictConfig) -> tuple[DictConfig, list[str]]:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read, merge and schema-check a config, then check it against the registries.
+    """Read, merge and schema-check a config (no semantic checks: see `distill.core.check`).
 
     Raises:
         ConfigError: with one line per problem, all problems at once.
     """
+    config, problems = read_config(path, overrides)
+    if problems or config is None:
+        raise ConfigError(problems)
+    return config
+
+
+def read_config(path: str | Path, overrides: list[str] | None = None) -> tuple[Config | None, list[str]]:
+    """`load_config` that returns the schema problems instead of raising them, with the
+    config minus its offending keys (None when a value is missing), so that a caller can
+    add the semantic problems and report everything at once."""
     raw = load_raw(path)
     if overrides:
         raw = apply_overrides(raw, overrides)
-    return config_from_raw(raw)
+    return schema_check(raw)
 
 
 def apply_overrides(raw: DictConfig, overrides: list[str]) -> DictConfig:
@@ -307,21 +186,26 @@ def prune_removed(raw: DictConfig) -> DictConfig:
     return raw
 
 
-def config_from_raw(raw: DictConfig) -> Config:
-    """Schema-merge, resolve and validate an already merged raw config."""
-    from distill.validate import validate
-
+def schema_check(raw: DictConfig) -> tuple[Config | None, list[str]]:
+    """Schema-merge and resolve a raw config; (config without the bad keys, problems)."""
     cfg, problems = merge_with_schema(prune_removed(raw.copy()))
     if any(p.endswith(": missing value") for p in problems):
-        raise ConfigError(problems)
+        return None, problems
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
-        raise ConfigError([*problems, f"{e.full_key}: {str(e).splitlines()[0]}"]) from e
-    # schema problems dropped their keys; the rest is still checked so all come out at once
-    config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    problems += validate(config)
-    if problems:
+        return None, [*problems, f"{e.full_key}: {str(e).splitlines()[0]}"]
+    return OmegaConf.to_object(cfg), problems  # type: ignore[return-value]
+
+
+def config_from_raw(raw: DictConfig) -> Config:
+    """Schema-merge and resolve an already merged raw config.
+
+    Raises:
+        ConfigError: One line per schema problem.
+    """
+    config, problems = schema_check(raw)
+    if problems or config is None:
         raise ConfigError(problems)
     return config
 
@@ -337,5 +221,5 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild and re-validate a config saved with `to_dict`."""
+    """Rebuild a config saved with `to_dict` (schema-checked; semantic checks are the caller's)."""
     return config_from_raw(OmegaConf.create(data))

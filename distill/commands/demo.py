@@ -1,22 +1,31 @@
 """`distill demo`, the main job: a big teacher, a small student trained alone, the same
 student distilled through the ConaCLIP graph, and a table comparing the three.
 
-Every step is an ordinary experiment YAML run through `fit`, so the demo shows exactly
-what a user gets from `distill fit experiments/<name>.yaml`.
+Every step is an ordinary experiment YAML run as `distill fit` runs it, so the demo shows
+exactly what a user gets from `distill fit experiments/<name>.yaml`.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import time
+from importlib.resources import files
 from pathlib import Path
 
 import torch
 
-from distill.config import Config, load_config
+from distill.config.schema import Config
+from distill.core.check import load_checked
+from distill.data.base import open_dataset
+from distill.eval.efficiency import count_parameters, encode_latency_ms
+from distill.eval.evaluate import evaluate_encoder
+from distill.eval.report import format_table, metrics_to_row, write_report
+from distill.io import write_json
 from distill.models.base import Encoder
+from distill.training.stages import train
 
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+EXPERIMENTS = files("distill.experiments")
+"""The experiment YAMLs (the repository's `experiments/`, installed as `distill.experiments`)."""
 TEACHER = "runs/teacher/towers"
 QUICK = [  # a smoke-sized run: tiny data, a few steps
     "data.args.n_train=64", "data.args.n_val=16", "data.args.n_test=16", "data.batch_size=16",
@@ -30,26 +39,33 @@ def _say(text: str) -> None:
 
 
 def _config(name: str, overrides: list[str]) -> Config:
-    return load_config(EXPERIMENTS / f"{name}.yaml", overrides)
+    return load_checked(str(EXPERIMENTS / f"{name}.yaml"), overrides)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", default="runs/demo", help="run folder")
+    p.add_argument("--quick", action="store_true", help="tiny data and few steps (smoke test)")
+    p.set_defaults(fn=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_demo(args.output, quick=args.quick)
+    return 0
 
 
 def prepare_teacher(folder: Path, common: list[str], *, quick: bool) -> Path:
     """Train and save the embedded benchmark's teacher unless a saved one is already there."""
-    from distill.train import fit
-
     if (folder / "towers.json").is_file():
         _say(f"teacher: cached at {folder}")
         return folder
     _say(f"teacher: training experiments/teacher_pretrain.yaml -> {folder}")
     extra = ["models.teacher.args.image_model=resnet10t"] if quick else []
-    fit(_config("teacher_pretrain", [*common, *extra, f"save_pretrained.teacher={folder}"]))
+    train(_config("teacher_pretrain", [*common, *extra, f"save_pretrained.teacher={folder}"]))
     return folder
 
 
 def latency(encoder: Encoder, config: Config, repeats: int) -> dict[str, float]:
     """Per-item encode latency (ms, CPU, median of repeats) on a batch of 32 test items."""
-    from distill.eval.efficiency import encode_latency_ms
-
     size = encoder.image_preprocess().size
     pixels = torch.randn(32, 3, size, size)
     captions = ["two small red circles left of a large blue square near the top"] * 32
@@ -58,12 +74,6 @@ def latency(encoder: Encoder, config: Config, repeats: int) -> dict[str, float]:
 
 def run_demo(output: str | Path = "runs/demo", *, quick: bool = False) -> dict:
     """Run the whole story and write `report.md`, `report.json`, `report.png` into `output`."""
-    from distill.data.datamodule import build_dataset
-    from distill.eval.efficiency import count_parameters
-    from distill.eval.report import format_table, metrics_to_row, write_report
-    from distill.evaluate import evaluate_encoder
-    from distill.train import fit
-
     out = Path(output)
     start = time.perf_counter()
     common = list(QUICK) if quick else []
@@ -73,16 +83,16 @@ def run_demo(output: str | Path = "runs/demo", *, quick: bool = False) -> dict:
 
     _say("data: the embedded captioned-shapes benchmark")
     base = _config("clip_baseline", common)
-    build_dataset(base.data.dataset, base.data.args).prepare()
+    open_dataset(base.data.dataset, base.data.args).prepare()
 
     prepare_teacher(teacher_dir, [*common, f"output_dir={out / 'teacher_pretrain'}"], quick=quick)
     teacher_arg = f"models.teacher.args.path={teacher_dir}"
 
     _say("student alone: experiments/clip_baseline.yaml")
-    _, alone = fit(_config("clip_baseline", [*common, f"output_dir={out / 'student_alone'}"]))
+    _, alone = train(_config("clip_baseline", [*common, f"output_dir={out / 'student_alone'}"]))
     _say("student distilled: experiments/conaclip.yaml")
     distilled_cfg = _config("conaclip", [*common, teacher_arg, f"output_dir={out / 'student_distilled'}"])
-    _, distilled = fit(distilled_cfg)
+    _, distilled = train(distilled_cfg)
 
     _say("evaluation on the test split")
     teacher = distilled.graph.models["teacher"].float()
@@ -95,7 +105,7 @@ def run_demo(output: str | Path = "runs/demo", *, quick: bool = False) -> dict:
         rows.append(metrics_to_row(name, metrics, count_parameters(encoder), speed["image_ms"], speed["text_ms"]))
     report = write_report(rows, out, dataset=f"{distilled_cfg.data.dataset} (test split)")
     elapsed = time.perf_counter() - start
-    (out / "timing.json").write_text(json.dumps({"seconds": elapsed}, indent=2))
+    write_json(out / "timing.json", {"seconds": elapsed})
     _say(f"report ({elapsed / 60:.1f} min) -> {out / 'report.md'}, report.json, report.png")
     print(format_table(rows))
     return report

@@ -11,38 +11,18 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from torch.utils.data import DataLoader
 
 from distill.batch import Batch
-from distill.data.base import TRAIN_MODES, CaptionDataset
-from distill.data.loading import Collator, EpochLoader, EvalStream, Preprocess, TrainStream
+from distill.data.base import TRAIN_MODES, open_dataset
+from distill.data.loading import Collator, EpochLoader, Preprocess, TrainStream, eval_loader
+from distill.distributed import launch_world, rank
 from distill.errors import ConfigError
-from distill.registry import DATASETS
-from distill.signature import check_kwargs
 
 log = logging.getLogger(__name__)
-
-
-def build_dataset(name: str, args: Mapping[str, Any] | None) -> CaptionDataset:
-    """Look up `name` in `DATASETS` and construct it from `args`, checked against its signature."""
-    cls = DATASETS.get(name, "data.dataset")
-    args = dict(args or {})
-    problems = check_kwargs(cls, args, "data.args", f"dataset {name!r}")
-    if problems:
-        raise ConfigError(problems)
-    return cls(**args)
-
-
-def check_dataset(data_cfg: Any) -> None:
-    """Raise one `ConfigError` with every missing shard, file or folder, before training starts."""
-    problems = build_dataset(data_cfg.dataset, data_cfg.args).check()
-    if problems:
-        raise ConfigError(problems)
 
 
 class DistillDataModule(pl.LightningDataModule):
@@ -65,11 +45,9 @@ class DistillDataModule(pl.LightningDataModule):
                 f"data.captions_per_image: must be one of {', '.join(TRAIN_MODES)}, got {data_cfg.captions_per_image!r}"
             )
         self.cfg = data_cfg
-        self.dataset = build_dataset(data_cfg.dataset, data_cfg.args)
+        self.dataset = open_dataset(data_cfg.dataset, data_cfg.args)
         self.train_collator = Collator(preprocess)
-        self.eval_collator = Collator(
-            eval_preprocess if eval_preprocess is not None else preprocess
-        )
+        self.eval_preprocess = eval_preprocess if eval_preprocess is not None else preprocess
         self.skipped: Counter[str] = Counter()
         """`<split>/<reason>` -> samples skipped so far on this rank (filled by `on_before_batch_transfer`)."""
         self._epochs = 0
@@ -90,12 +68,10 @@ class DistillDataModule(pl.LightningDataModule):
         self.dataset.prepare()  # a no-op once `prepare_data` has run on this node
 
     def rank_and_world(self) -> tuple[int, int]:
-        """(global rank, world size) from the trainer, torch.distributed or RANK/WORLD_SIZE."""
+        """(global rank, world size): the trainer's, else `distill.distributed`'s answer."""
         if self.trainer is not None:
             return self.trainer.global_rank, self.trainer.world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        return rank(), launch_world()
 
     def steps_per_epoch(self) -> int | None:
         """Training batches per epoch and rank: the configured value, else (under DDP) one pass worth."""
@@ -144,19 +120,10 @@ class DistillDataModule(pl.LightningDataModule):
 
     def eval_dataloader(self, split: str) -> DataLoader | list:
         """Loader of `split` ("val" or "test"); an empty list when the dataset has no such split."""
-        self.dataset.prepare()
-        if not self.dataset.has_split(split):
-            return []
         rank, world = self.rank_and_world()
-        stream = EvalStream(
-            dataset=self.dataset,
-            collator=self.eval_collator,
-            split=split,
-            batch_size=self.cfg.eval_batch_size,
-            rank=rank,
-            world_size=world,
-        )
-        return DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers)
+        loader = eval_loader(self.dataset, self.eval_preprocess, split, batch_size=self.cfg.eval_batch_size,
+                             num_workers=self.cfg.num_workers, rank=rank, world_size=world)
+        return [] if loader is None else loader
 
     def val_dataloader(self) -> DataLoader | list:
         return self.eval_dataloader("val")

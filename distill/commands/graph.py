@@ -1,39 +1,26 @@
-"""Human-readable views of a config's graph: the `validate` text and the `graph` picture."""
+"""`distill graph CONFIG -o graph.png`: draw the graph, models as rows, outputs as columns."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from distill.build import models_to_load
-from distill.config import Config
-from distill.graph import split_node
-from distill.validate import model_nodes
+from distill.commands._args import config_arguments
+from distill.config.schema import Config
+from distill.core.check import load_checked, model_nodes
+from distill.core.graph import split_node
+from distill.io import atomic_path
 
 
-def describe(config: Config) -> str:
-    """Models (which will run), nodes with widths, enabled and disabled edges."""
-    nodes = model_nodes(config, [])
-    loaded = set(models_to_load(config))
-    running = {split_node(n)[0] for e in config.edges.values() if e.enabled for n in e.inputs}
-    lines = [f"experiment {config.name!r} -> {config.output_dir}", "models:"]
-    for name, m in config.models.items():
-        role = "frozen teacher" if m.frozen else "trainable"
-        state = "runs in training" if name in running else ("loaded for eval only" if name in loaded else "not loaded")
-        lines.append(f"  {name:<12} {m.type:<14} {role:<15} {state}")
-    lines.append("nodes:")
-    for node, dim in nodes.items():
-        lines.append(f"  {node:<20} dim {dim}")
-    for title, flag in (("enabled edges:", True), ("disabled edges:", False)):
-        chosen = [(n, e) for n, e in config.edges.items() if e.enabled is flag]
-        lines.append(title if chosen else f"{title} none")
-        for name, e in chosen:
-            lines.append(f"  {name:<14} {e.loss:<15} w={e.weight:<6g} {' , '.join(e.inputs)}")
-    if config.stages:  # a staged run enables each stage's edges in turn (distill.stages)
-        lines.append("stages (each enables only its own edges):")
-        for i, st in enumerate(config.stages):
-            steps = st.max_steps or config.trainer.max_steps
-            lines.append(f"  {i} {st.name:<12} {steps:>6} steps  edges {', '.join(st.edges)}; trains {', '.join(st.train)}")
-    return "\n".join(lines)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    config_arguments(p)
+    p.add_argument("-o", "--output", default="graph.png", help="output image (png, svg, pdf)")
+    p.set_defaults(fn=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    print(f"wrote {draw(load_checked(args.config, args.overrides), args.output)}")
+    return 0
 
 
 def _pairs(inputs: list[str]) -> list[tuple[str, str]]:
@@ -56,8 +43,9 @@ def layout(config: Config, nodes: list[str]) -> dict[str, tuple[float, float]]:
 def draw(config: Config, path: str | Path) -> Path:
     """Draw the graph: models as rows, outputs as columns, one curve per edge (dashed grey
     when disabled), each labelled with its name and loss."""
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Circle
+    # matplotlib: heavy to import, needed only for the picture
+    from matplotlib.figure import Figure  # matplotlib: heavy, only for plots
+    from matplotlib.patches import Circle  # matplotlib: heavy, only for plots
 
     nodes = list(model_nodes(config, []))
     pos = layout(config, nodes)
@@ -105,7 +93,6 @@ def draw(config: Config, path: str | Path) -> Path:
     ax.set_aspect("equal")
     ax.axis("off")
     ax.set_title(f"{config.name}: solid = enabled edge, dashed = disabled")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    return Path(path)

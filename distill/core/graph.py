@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from distill.batch import Batch
 from distill.distributed import batch_sizes, gather, world_size
-from distill.losses._base import EdgeContext, EdgeLoss
+from distill.losses.base import EdgeContext, EdgeLoss
 from distill.models.base import Encoder
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -45,7 +45,7 @@ class KnowledgeGraph(nn.Module):
             checkpoints do not depend on which edges were switched on).
         frozen: Names of the frozen (teacher) models.
         cached: Node name -> a lookup from sample keys to that node's precomputed rows
-            (`distill.cache`); such nodes are read, not computed, and their model need not
+            (`distill.training.cache`); such nodes are read, not computed, and their model need not
             be in `models`.
     """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import types
 import typing
@@ -57,7 +58,6 @@ def check_kwargs(cls: type, kwargs: dict[str, Any], path: str, what: str) -> lis
     problems = []
     for name, value in kwargs.items():
         if name not in params:
-            import difflib
 
             close = difflib.get_close_matches(name, list(params), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""

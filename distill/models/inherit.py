@@ -1,6 +1,6 @@
 """Weight inheritance: a model starts from another model's tensors (TinyCLIP's manual inheritance).
 
-A model config may carry `init:`, applied by `distill.build` once every model has loaded:
+A model config may carry `init:`, applied by `distill.core.build` once every model has loaded:
 
 ```yaml
 models:
@@ -26,15 +26,13 @@ otherwise shapes must match. Problems name both tensors and are raised together.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from distill.config.schema import Config
 from distill.errors import ConfigError
-
-if TYPE_CHECKING:
-    from distill.config import Config
 
 INIT_KEYS = ("from", "tensors", "layers", "slice")
 PICKS = ("uniform", "first", "last")

@@ -35,8 +35,14 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from distill.config import Config, load_config
+from distill.config.load import read_yaml
+from distill.config.schema import Config
+from distill.core.check import load_checked
 from distill.errors import ConfigError
+from distill.eval.evaluate import evaluate_encoder
+from distill.io import atomic_path, write_json, write_text
+from distill.training.checkpoint import load_checkpoint
+from distill.training.stages import train
 
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 SAFE = re.compile(r"[^A-Za-z0-9_.,=+-]")
@@ -82,10 +88,8 @@ def load_sweep(path: str | Path) -> SweepConfig:
     Raises:
         ConfigError: One line per problem, starting with the file and the YAML path.
     """
-    from distill.config import _read_yaml
-
     path = Path(path)
-    raw = _read_yaml(path, "sweep")
+    raw = read_yaml(path, "sweep")
     raw_variants = raw.pop("variants", None) or []
     problems: list[str] = []
     variants = []
@@ -159,7 +163,7 @@ def variant_configs(sweep: SweepConfig, extra: list[str] | None = None) -> dict[
         ConfigError: Every problem of every variant, each line prefixed by where it came from.
     """
     try:
-        base = load_config(sweep.base, [*sweep.overrides, *(extra or [])])
+        base = load_checked(sweep.base, [*sweep.overrides, *(extra or [])])
     except ConfigError as e:
         raise ConfigError([f"base ({sweep.base}): {p}" for p in e.problems]) from e
     variants, problems = expand(sweep, list(base.edges))
@@ -175,7 +179,7 @@ def variant_configs(sweep: SweepConfig, extra: list[str] | None = None) -> dict[
             continue
         folder = Path(sweep.output_dir) / name
         try:
-            configs[name] = load_config(
+            configs[name] = load_checked(
                 sweep.base, [*sweep.overrides, *(extra or []), *overrides, f"output_dir={folder}", "resume=last"]
             )
         except ConfigError as e:
@@ -194,8 +198,6 @@ def enabled_edges(config: Config) -> list[str]:
 
 def evaluate_variant(config: Config, split: str) -> dict[str, float]:
     """The trained student's retrieval metrics on `split`, cached next to its checkpoint."""
-    from distill.evaluate import evaluate_encoder, load_checkpoint
-
     folder = Path(config.output_dir)
     cache, ckpt = folder / f"eval_{split}.json", folder / "final.ckpt"
     if cache.is_file() and cache.stat().st_mtime >= ckpt.stat().st_mtime:
@@ -203,7 +205,7 @@ def evaluate_variant(config: Config, split: str) -> dict[str, float]:
     module = load_checkpoint(ckpt)
     name = module.config.eval.model
     metrics = evaluate_encoder(module.graph.models[name], name, config, split)
-    cache.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    write_json(cache, metrics, sort_keys=True)
     return metrics
 
 
@@ -213,7 +215,7 @@ def write_outputs(rows: list[dict[str, Any]], out: Path) -> Path:
     for row in rows:
         row["delta_rsum"] = row["rsum"] - ref
     columns = ["variant", "edges", *METRICS, "delta_rsum"]
-    with open(out / "sweep.csv", "w", newline="") as f:
+    with atomic_path(out / "sweep.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows({**r, "edges": " ".join(r["edges"])} for r in rows)
@@ -224,14 +226,14 @@ def write_outputs(rows: list[dict[str, Any]], out: Path) -> Path:
         delta = "ref" if r is rows[0] else f"{r['delta_rsum']:+.1f}"
         lines.append(f"| {r['variant']} | {', '.join(r['edges'])} | {recalls} | {r['rsum']:.1f} | {delta} |")
     md = out / "sweep.md"
-    md.write_text(f"Δ RSUM is relative to `{rows[0]['variant']}`.\n\n" + "\n".join(lines) + "\n")
+    write_text(md, f"Δ RSUM is relative to `{rows[0]['variant']}`.\n\n" + "\n".join(lines) + "\n")
     _plot(rows, out / "sweep.png")
     return md
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib: heavy, only for plots
+    from matplotlib.figure import Figure  # matplotlib: heavy, only for plots
 
     fig = Figure(figsize=(max(5.0, 0.8 * len(rows) + 2), 4), layout="constrained")
     FigureCanvasAgg(fig)
@@ -244,13 +246,12 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylim(0, max(max(rsums), 1.0) * 1.12)
     ax.set_ylabel("RSUM")
     ax.set_title("RSUM per variant")
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def run_sweep(path: str | Path, extra: list[str] | None = None) -> Path:
     """`distill sweep`: fit the missing variants, evaluate all, write the table; see above."""
-    from distill.train import fit
-
     sweep = load_sweep(path)
     configs = variant_configs(sweep, extra)
     out = Path(sweep.output_dir)
@@ -260,7 +261,7 @@ def run_sweep(path: str | Path, extra: list[str] | None = None) -> Path:
             print(f"[{i + 1}/{len(configs)}] {name}: finished, skipped", flush=True)
             continue
         print(f"[{i + 1}/{len(configs)}] {name}: fitting into {config.output_dir}", flush=True)
-        fit(config)
+        train(config)
     rows = []
     for name, config in configs.items():
         metrics = evaluate_variant(config, sweep.split)

@@ -11,9 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from distill.batch import Batch, RetrievalBatch
-from distill.build import build_graph
-from distill.config import Config, from_dict, to_dict
-from distill.graph import KnowledgeGraph
+from distill.config.load import from_dict, to_dict
+from distill.config.schema import Config
+from distill.core.build import build_graph
+from distill.core.check import checked
+from distill.core.graph import KnowledgeGraph
+from distill.eval.retrieval import RetrievalRecall
+from distill.training.checkpoint import frozen_prefixes, load_tolerant
 
 NO_DECAY_HINTS = ("bias", "norm", "ln_", "bn", "logit_scale", "temperature", "embeddings.position")
 
@@ -53,7 +57,7 @@ class DistillModule(pl.LightningModule):
 
     def __init__(self, config: Config | dict[str, Any], graph: KnowledgeGraph | None = None) -> None:
         super().__init__()
-        self.config = from_dict(config) if isinstance(config, dict) else config
+        self.config = checked(from_dict(config)) if isinstance(config, dict) else config
         self.save_hyperparameters({"config": to_dict(self.config)})
         self.graph = graph if graph is not None else build_graph(self.config)
         self._val: dict[str, list[Tensor]] = {}
@@ -62,14 +66,7 @@ class DistillModule(pl.LightningModule):
         """As `nn.Module.load_state_dict`, except that frozen models' weights may be absent on
         either side: a teacher served by the output cache is not loaded (`distill.cache`), so
         a checkpoint of a cached run lacks it, and a cached run resumes from a live one."""
-        frozen = tuple(f"graph.models.{n}." for n, m in self.config.models.items() if m.frozen)
-        own = self.state_dict()
-        state = {k: v for k, v in state_dict.items() if k in own or not k.startswith(frozen)}
-        result = super().load_state_dict(state, strict=False, assign=assign)
-        bad = [k for k in (*result.missing_keys, *result.unexpected_keys) if not k.startswith(frozen)]
-        if strict and bad:
-            raise RuntimeError(f"state_dict mismatch: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
-        return result
+        return load_tolerant(super(), state_dict, frozen_prefixes(self.config, "graph."), strict=strict)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the torch RNG states: a resumed run then draws the same dropout masks."""
@@ -114,8 +111,6 @@ class DistillModule(pl.LightningModule):
         self._val["text_image_ids"].append(batch.text_image_ids)
 
     def on_validation_epoch_end(self) -> None:
-        from distill.eval.retrieval import RetrievalRecall
-
         if not self._val.get("image"):
             return
         metric = RetrievalRecall(chunk_size=self.config.eval.chunk_size).to(self.device)

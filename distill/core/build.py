@@ -6,13 +6,13 @@ from collections.abc import Callable, Collection, Mapping
 
 from torch import Tensor
 
-from distill.config import Config
+from distill.config.schema import Config
+from distill.core.check import load_plugins, model_nodes
+from distill.core.graph import Edge, KnowledgeGraph, split_node
 from distill.errors import ConfigError
-from distill.graph import Edge, KnowledgeGraph, split_node
 from distill.models.base import Encoder
-from distill.models.init import apply_init, init_order
+from distill.models.inherit import apply_init, init_order
 from distill.registry import LOSSES, MODELS
-from distill.validate import load_plugins, model_nodes
 
 
 def models_to_load(config: Config, cached: Collection[str] = ()) -> list[str]:
@@ -44,7 +44,7 @@ def build_graph(
 
     Args:
         config: A validated config.
-        cached: Node -> cached-output lookup (`distill.cache.resolve_cache`); a model whose
+        cached: Node -> cached-output lookup (`distill.training.cache.store.resolve_cache`); a model whose
             needed nodes are all cached is not loaded.
     """
     problems = load_plugins(list(config.plugins))

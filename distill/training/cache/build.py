@@ -1,5 +1,5 @@
-"""Writing the teacher-output cache (see `distill.cache`): `build_cache` behind `distill
-cache`, per-rank parts, then one merge.
+"""Writing the teacher-output cache (see `distill.training.cache.store`): `fill_cache`
+behind `distill cache`, per-rank parts, then one merge.
 
 Each rank streams its share of the training images (split by rank, then by loader worker,
 as in training), encodes every image once and every caption, and appends fp16 rows to
@@ -18,7 +18,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +27,14 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from distill.cache import cache_plan, entries, fingerprint, load_frozen
-from distill.config import Config
-from distill.data.base import CaptionDataset, Part
+from distill.config.schema import Config
+from distill.data.base import CaptionDataset, Part, open_dataset
 from distill.data.loading import Collator
+from distill.distributed import barrier, join_launch_group
 from distill.errors import ConfigError
+from distill.io import atomic_path, write_json
 from distill.models.base import Encoder
+from distill.training.cache.store import cache_plan, entries, fingerprint, load_frozen
 
 MERGE_ROWS = 65536
 
@@ -65,9 +66,7 @@ def encode_part(
     batch_size: int | None = None,
 ) -> None:
     """Encode this rank's share of the training split into `parts/` (fp16 rows + keys)."""
-    from distill.data.datamodule import build_dataset
-
-    dataset = build_dataset(config.data.dataset, config.data.args)
+    dataset = open_dataset(config.data.dataset, config.data.args)
     dataset.prepare()  # generates the embedded data once (locked), a no-op for files
     parts.mkdir(parents=True, exist_ok=True)
     pre = {"m": (model.image_preprocess() if "image" in outputs else None,
@@ -92,7 +91,7 @@ def encode_part(
         for f in files.values():
             f.close()
     for output in outputs:
-        (parts / f"{output}.rank{rank}.json").write_text(json.dumps(keys[output]))
+        write_json(parts / f"{output}.rank{rank}.json", keys[output])
 
 
 def merge_parts(parts: Path, outputs: list[str], world: int, folder: Path) -> dict[str, dict[str, Any]]:
@@ -117,25 +116,23 @@ def merge_parts(parts: Path, outputs: list[str], world: int, folder: Path) -> di
         if n > 1 and (keys[1:] == keys[:-1]).any():
             raise ValueError(f"{output}: duplicate sample key {keys[1:][keys[1:] == keys[:-1]][0]!r} in the training split")
         offsets = np.cumsum([0, *[len(k) for k in names]])
-        tmp = folder / f"{output}.npy.tmp{os.getpid()}"
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
-        for start in range(0, n, MERGE_ROWS):
-            idx = order[start : start + MERGE_ROWS]
-            part = np.searchsorted(offsets[1:], idx, side="right")
-            for p in np.unique(part):
-                sel = part == p
-                out[start + np.flatnonzero(sel)] = rows[p][idx[sel] - offsets[p]]
-        out.flush()
-        del out
-        os.replace(tmp, folder / f"{output}.npy")
-        tmp_keys = folder / f"{output}.keys.tmp{os.getpid()}.npy"
-        np.save(tmp_keys, keys)
-        os.replace(tmp_keys, folder / f"{output}.keys.npy")
+        with atomic_path(folder / f"{output}.npy") as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
+            for start in range(0, n, MERGE_ROWS):
+                idx = order[start : start + MERGE_ROWS]
+                part = np.searchsorted(offsets[1:], idx, side="right")
+                for p in np.unique(part):
+                    sel = part == p
+                    out[start + np.flatnonzero(sel)] = rows[p][idx[sel] - offsets[p]]
+            out.flush()
+            del out
+        with atomic_path(folder / f"{output}.keys.npy") as tmp:
+            np.save(tmp, keys)
         shapes[output] = {"rows": int(n), "dim": int(dim)}
     return shapes
 
 
-def build_cache(config: Config, *, device: str = "cpu", batch_size: int | None = None) -> dict[str, Path]:
+def fill_cache(config: Config, *, device: str = "cpu", batch_size: int | None = None) -> dict[str, Path]:
     """`distill cache`: compute and store every needed teacher node that has no entry yet.
 
     Under torchrun (WORLD_SIZE > 1) every rank encodes its share (`device="cuda"` means
@@ -144,7 +141,7 @@ def build_cache(config: Config, *, device: str = "cpu", batch_size: int | None =
     Returns:
         Model name -> its cache entry.
     """
-    rank, world = _init_distributed()
+    rank, world = join_launch_group()
     if device == "cuda" and world > 1:  # one GPU per process, as torchrun numbers them
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     plan = cache_plan(config)
@@ -161,7 +158,7 @@ def build_cache(config: Config, *, device: str = "cpu", batch_size: int | None =
             start = time.perf_counter()
             parts = folder / "parts"
             encode_part(config, model.to(device), todo, parts, rank=rank, world=world, batch_size=batch_size)
-            _barrier(world)
+            barrier()
             if rank == 0:
                 shapes = merge_parts(parts, todo, world, folder)
                 spec = config.models[name]
@@ -172,29 +169,9 @@ def build_cache(config: Config, *, device: str = "cpu", batch_size: int | None =
                     "outputs": {**meta.get("outputs", {}), **shapes}, "dtype": "float16",
                     "seconds": round(time.perf_counter() - start, 2),
                 }
-                tmp = folder / f"meta.json.tmp{os.getpid()}"
-                tmp.write_text(json.dumps(meta, indent=2, default=str))
-                os.replace(tmp, folder / "meta.json")
+                write_json(folder / "meta.json", meta, default=str)  # last: the entry is complete
                 shutil.rmtree(parts, ignore_errors=True)
-            _barrier(world)
+            barrier()
         done[name] = folder
         del model
     return done
-
-
-def _init_distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():  # barriers only: gloo works whatever the device; ranks may
-        dist.init_process_group("gloo", timeout=timedelta(hours=12))  # wait for a long merge
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
