@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from distill.config import Config, config_from_raw, load_raw, parse_overrides
+from distill.config.load import config_from_raw, load_raw, parse_overrides
+from distill.config.schema import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from distill.data.datamodule import DistillDataModule
 from torch import Tensor
 
-from distill.config import DataConfig
+from distill.config.schema import DataConfig
 from distill.losses.fused import candidate_mask, mixed_targets
 from distill.models.dual_encoder import Towers
 from distill.models.fusion import Fusion
+from distill.training.datamodule import DistillDataModule
 
 KS = (1, 5, 10)
 TAU = 0.05

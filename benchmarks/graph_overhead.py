@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 from _common import RESULTS, bert, experiment, interleaved, median, write
-from distill.build import build_graph
-from distill.graph import KnowledgeGraph
-from distill.module import DistillModule
-from distill.train import make_datamodule
 from torch import Tensor
 
 from distill.batch import Batch
+from distill.core.build import build_graph
+from distill.core.graph import KnowledgeGraph
 from distill.losses import EdgeContext
+from distill.training.module import DistillModule
+from distill.training.trainer import make_datamodule
 
 STUDENT = {"type": "dual_encoder", "args": {"image_model": "test_resnet", "image_size": 32, "text_config": bert(64, 2),
                                             "embed_dim": 64, "pooling": "mean", "max_length": 40}}  # fmt: skip

@@ -21,14 +21,15 @@ import argparse
 from pathlib import Path
 
 import torch
-from distill.demo import latency
-from distill.evaluate import evaluate_encoder, load_checkpoint
 
-from distill.config import load_config
+from distill.commands.demo import latency
+from distill.core.check import load_checked
 from distill.deploy.embedders import split_spec
 from distill.eval.efficiency import count_parameters
+from distill.eval.evaluate import evaluate_encoder
 from distill.eval.report import format_table, metrics_to_row, write_report
 from distill.models.dual_encoder import Towers
+from distill.training.checkpoint import load_checkpoint
 
 OUT = Path(__file__).parent / "results" / "methods"
 
@@ -37,7 +38,7 @@ def load_target(spec: str):  # noqa: ANN201
     """`folder` or `run.ckpt[:model]` -> (encoder, config used for its data)."""
     path, model = split_spec(spec)
     if path.suffix != ".ckpt":
-        return Towers(path=spec).eval(), load_config("experiments/clip_baseline.yaml")
+        return Towers(path=spec).eval(), load_checked("experiments/clip_baseline.yaml")
     module = load_checkpoint(path)
     name = model or module.config.eval.model
     return module.graph.models[name].float().eval(), module.config

@@ -41,7 +41,12 @@ from _common import RESULTS, ROOT, write
 from distill.data.base import open_rgb
 from distill.data.synthetic import _examples, make_example
 from distill.deploy.embedders import load_embedder, resolve_spec
-from distill.deploy.search_index import SearchIndex, build_index, load_index, save_index
+from distill.deploy.search_index import (
+    SearchIndex,
+    index_images,
+    load_search_index,
+    save_search_index,
+)
 from distill.deploy.sources import Item, Skipped
 
 CHECKPOINT = ROOT / "runs/demo/student_distilled/final.ckpt"
@@ -84,15 +89,15 @@ def stats(ms: list[float]) -> dict[str, float]:
 def get_index(path: Path, model: str, n: int, rebuild: bool, threads: int) -> SearchIndex:
     """The benchmark index: reused when it matches the model and size, else built and saved."""
     if path.is_file() and not rebuild:
-        data = load_index(path)
+        data = load_search_index(path)
         if data["model"] == resolve_spec(model) and len(data["ids"]) == n:
             print(f"reusing {path}")
             return SearchIndex(data)
     start = time.perf_counter()
     embedder = load_embedder(model, threads=threads)
-    data, _ = build_index([GeneratedScenes(n)], embedder, model=resolve_spec(model), names=[f"generated:{n}"],
+    data, _ = index_images([GeneratedScenes(n)], embedder, model=resolve_spec(model), names=[f"generated:{n}"],
                           batch_size=256, thumb_size=0)  # fmt: skip
-    save_index(data, path)
+    save_search_index(data, path)
     print(f"built {path} in {time.perf_counter() - start:.0f} s")
     return SearchIndex(data)
 

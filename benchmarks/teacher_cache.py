@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 from _common import RESULTS, bert, experiment, interleaved, median, write
-from distill.build import build_graph
-from distill.cache import resolve_cache
-from distill.cache_build import build_cache
-from distill.module import DistillModule, param_groups
-from distill.train import make_datamodule
 
-from distill.config import Config
+from distill.config.schema import Config
+from distill.core.build import build_graph
+from distill.training.cache.build import fill_cache
+from distill.training.cache.store import resolve_cache
+from distill.training.module import DistillModule, param_groups
+from distill.training.trainer import make_datamodule
 
 
 def teacher_spec(image_model: str, width: int, layers: int) -> dict:
@@ -76,7 +76,7 @@ def main() -> None:
         cached_cfg = experiment("conaclip", {"teacher": spec}, [*common, "cache.mode=require"])
         alone = experiment("clip_baseline", {}, common)
         start = time.perf_counter()
-        build_cache(cached_cfg, batch_size=args.batch)
+        fill_cache(cached_cfg, batch_size=args.batch)
         build_s = time.perf_counter() - start
         cached = resolve_cache(cached_cfg)
         n = args.repeats + 2

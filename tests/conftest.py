@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import textwrap
 from collections.abc import Callable
@@ -12,6 +13,17 @@ import pytest
 # Tests never reach a model hub: loaders are exercised on folders the tests save themselves.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--distill-plugins", dest="distill_plugins", default=os.environ.get("DISTILL_PLUGINS", ""),
+                     help="comma-separated plugin modules to import before collection, so the tests "
+                          "parametrized over the registries (e.g. tests/test_losses.py) cover them too")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name in filter(None, (m.strip() for m in config.getoption("distill_plugins").split(","))):
+        importlib.import_module(name)
+
 
 TINY = """
 name: tiny
@@ -135,7 +147,7 @@ def shrink(config: Path, data_root: Path, out: Path, towers: Path, steps: int = 
     keeping its graph (edges, losses, weights) exactly as written."""
     from omegaconf import OmegaConf
 
-    from distill.config import load_raw
+    from distill.config.load import load_raw
 
     raw = OmegaConf.to_container(load_raw(config))
     overrides = [
@@ -167,12 +179,11 @@ def shrink(config: Path, data_root: Path, out: Path, towers: Path, steps: int = 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
     """`final.ckpt` of the tiny config fitted once (student: 16 dims, teacher: 24 dims)."""
-    from distill.train import fit
-
-    from distill.config import load_config
+    from distill.core.check import load_checked
+    from distill.training.stages import train
 
     folder = tmp_path_factory.mktemp("tiny_fit")
     path = folder / "tiny.yaml"
     path.write_text(TINY.format(out=folder / "run", data=data_root))
-    fit(load_config(path))
+    train(load_checked(path))
     return folder / "run" / "final.ckpt"

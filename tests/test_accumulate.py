@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from distill.build import build_graph
-from distill.cli import main
-from distill.graph import KnowledgeGraph
 
 from distill.batch import Batch
-from distill.config import load_config
+from distill.commands.cli import main
+from distill.core.build import build_graph
+from distill.core.check import load_checked
+from distill.core.graph import KnowledgeGraph
 from distill.errors import ConfigError
 
 PER_SAMPLE = [  # the tiny graph with its in-batch edges off and two feature edges on
@@ -23,14 +23,14 @@ PER_SAMPLE = [  # the tiny graph with its in-batch edges off and two feature edg
 
 def test_accumulation_is_refused_with_in_batch_losses(tiny_yaml: Path) -> None:
     with pytest.raises(ConfigError) as e:
-        load_config(tiny_yaml, ["trainer.accumulate_grad_batches=4"])
+        load_checked(tiny_yaml, ["trainer.accumulate_grad_batches=4"])
     assert e.value.problems == [
         "trainer.accumulate_grad_batches: gradient accumulation would shrink the batch that in-batch "
         "losses compare against (edges si_st, si_tt, st_ti_kl); raise data.batch_size or add devices instead"
     ]
     # one in-batch edge left on is enough to refuse; switched off, it no longer counts
     with pytest.raises(ConfigError, match=r"\(edges si_st\)"):
-        load_config(tiny_yaml, [*PER_SAMPLE, "edges.si_st.enabled=true", "trainer.accumulate_grad_batches=2"])
+        load_checked(tiny_yaml, [*PER_SAMPLE, "edges.si_st.enabled=true", "trainer.accumulate_grad_batches=2"])
 
 
 def batch(graph: KnowledgeGraph, n: int = 16) -> Batch:
@@ -57,13 +57,13 @@ def grads_whole_vs_accumulated(graph: KnowledgeGraph) -> tuple[list[torch.Tensor
 
 
 def test_per_sample_graphs_accept_accumulation_and_it_equals_the_large_batch(tiny_yaml: Path) -> None:
-    cfg = load_config(tiny_yaml, [*PER_SAMPLE, "trainer.accumulate_grad_batches=2"])
+    cfg = load_checked(tiny_yaml, [*PER_SAMPLE, "trainer.accumulate_grad_batches=2"])
     whole, accumulated = grads_whole_vs_accumulated(build_graph(cfg))
     assert whole
     for a, b in zip(whole, accumulated):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
     # why in-batch losses are refused: the same recipe gives a different gradient
-    whole, accumulated = grads_whole_vs_accumulated(build_graph(load_config(tiny_yaml)))
+    whole, accumulated = grads_whole_vs_accumulated(build_graph(load_checked(tiny_yaml)))
     assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(whole, accumulated))
 
 

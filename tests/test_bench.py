@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distill.cli import main
 
+from distill.commands.cli import main
 from distill.deploy.bench import top_k
 from distill.deploy.export import export_checkpoint
 

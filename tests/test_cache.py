@@ -9,19 +9,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distill.build import build_graph
-from distill.cache import CachedNode, cache_plan, entries, find_entry, load_frozen, resolve_cache
-from distill.cache_build import build_cache, encode_part, merge_parts
-from distill.cli import main
-from distill.evaluate import load_checkpoint
-from distill.module import DistillModule
-from distill.train import make_datamodule
 from safetensors.torch import load_file, save_file
 
-from distill.config import Config, EdgeConfig, ModelConfig, load_config
+from distill.commands.cli import main
+from distill.config.schema import Config, EdgeConfig, ModelConfig
+from distill.core.build import build_graph
+from distill.core.check import load_checked
 from distill.errors import ConfigError
 from distill.models.base import ImagePreprocess
 from distill.models.dual_encoder import Towers
+from distill.training.cache.build import encode_part, fill_cache, merge_parts
+from distill.training.cache.store import (
+    CachedNode,
+    cache_plan,
+    entries,
+    find_entry,
+    load_frozen,
+    resolve_cache,
+)
+from distill.training.checkpoint import load_checkpoint
+from distill.training.module import DistillModule
+from distill.training.trainer import make_datamodule
 from tests.conftest import TINY
 
 TEACHER = "type: tiny_dual\n    frozen: true\n    args: {embed_dim: 24, image_size: 32}"
@@ -61,7 +69,7 @@ def never(*args: object, **kwargs: object) -> None:
 
 
 def test_hit_skips_the_teacher_and_matches_the_live_loss(shared_yaml: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = load_config(shared_yaml, ["cache.mode=require"])
+    cfg = load_checked(shared_yaml, ["cache.mode=require"])
     live = build_graph(cfg).train()  # frozen models switch to eval mode
     cached = resolve_cache(cfg)
     assert set(cached) == {"teacher.text", "teacher.image"}
@@ -90,24 +98,24 @@ def test_fit_reads_the_cache_and_its_checkpoint_loads_live(
     assert state and not any(".teacher." in k for k in state)  # the teacher was never part of training
     module = load_checkpoint(ckpt)  # a live graph (teacher loaded) takes the cached run's weights
     assert "teacher" in module.graph.models
-    key = "graph.models.student.tokens.weight"
-    assert torch.equal(module.state_dict()[key], state[key])
+    key = "models.student.tokens.weight"
+    assert torch.equal(module.graph.state_dict()[key], state[f"graph.{key}"])
 
 
 def test_miss_runs_live_in_auto_mode_and_is_refused_in_require_mode(
     tmp_path: Path, data_root: Path, tiny_towers: Path
 ) -> None:
     path = write_config(tmp_path, data_root, tiny_towers)
-    assert resolve_cache(load_config(path)) == {}
-    assert resolve_cache(load_config(path, ["cache.mode=never"])) == {}
+    assert resolve_cache(load_checked(path)) == {}
+    assert resolve_cache(load_checked(path, ["cache.mode=never"])) == {}
     with pytest.raises(ConfigError) as e:
-        resolve_cache(load_config(path, ["cache.mode=require"]))
+        resolve_cache(load_checked(path, ["cache.mode=require"]))
     assert e.value.problems == [
         f"cache.dir: teacher.text, teacher.image: no matching cache (no cache of a 'towers' model in "
         f"{tmp_path / 'cache'}); build it with `distill cache CONFIG`"
     ]
     with pytest.raises(ConfigError, match=r"cache.mode: expected one of auto, require, never, got 'sometimes'"):
-        load_config(path, ["cache.mode=sometimes"])
+        load_checked(path, ["cache.mode=sometimes"])
 
 
 def change_towers(dst: Path, what: str) -> None:
@@ -130,14 +138,14 @@ def test_a_changed_teacher_preprocessing_or_dataset_invalidates(
         overrides = ["data.args.format=karpathy"]  # the same files read otherwise: other args, other data
     else:
         change_towers(cached_yaml.parent / "towers", change)
-    cfg = load_config(cached_yaml, overrides)
+    cfg = load_checked(cached_yaml, overrides)
     folder, why = find_entry(cfg, "teacher", load_frozen(cfg, "teacher"), NODES)
     assert folder is None and why.endswith(f"was built with different {change}")
     assert resolve_cache(cfg) == {}  # auto: the teacher runs live, never the stale rows
     with pytest.raises(ConfigError, match=f"different {change}\\); build it with"):
-        resolve_cache(load_config(cached_yaml, [*overrides, "cache.mode=require"]))
+        resolve_cache(load_checked(cached_yaml, [*overrides, "cache.mode=require"]))
     if change == "weights":  # rebuilding adds a second entry, which then serves
-        build_cache(cfg)
+        fill_cache(cfg)
         assert len(entries(cfg.cache.dir)) == 2 and set(resolve_cache(cfg)) == {"teacher.text", "teacher.image"}
 
 
@@ -147,16 +155,16 @@ class Augmenting(ImagePreprocess):
 
 def test_augmented_teacher_inputs_are_never_cached(shared_yaml: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Towers, "image_preprocess", lambda self: Augmenting(size=32))
-    cfg = load_config(shared_yaml)
+    cfg = load_checked(shared_yaml)
     with pytest.raises(ConfigError, match=r"models.teacher: its image preprocessing \(Augmenting\) augments inputs"):
-        build_cache(cfg)
+        fill_cache(cfg)
     assert resolve_cache(cfg) == {}  # auto: runs live
     with pytest.raises(ConfigError, match="augments inputs"):
-        resolve_cache(load_config(shared_yaml, ["cache.mode=require"]))
+        resolve_cache(load_checked(shared_yaml, ["cache.mode=require"]))
 
 
 def test_rank_parts_merge_to_the_single_process_cache(shared_yaml: Path, tmp_path: Path) -> None:
-    cfg = load_config(shared_yaml)
+    cfg = load_checked(shared_yaml)
     (single,) = entries(cfg.cache.dir)
     model = load_frozen(cfg, "teacher")
     for rank in range(2):  # what two DDP ranks write, then rank 0's merge
@@ -171,7 +179,7 @@ def test_rank_parts_merge_to_the_single_process_cache(shared_yaml: Path, tmp_pat
 
 
 def test_lookup_by_sample_key(shared_yaml: Path) -> None:
-    (folder,) = entries(load_config(shared_yaml).cache.dir)
+    (folder,) = entries(load_checked(shared_yaml).cache.dir)
     image, text = CachedNode(folder, "image", "teacher.image"), CachedNode(folder, "text", "teacher.text")
     keys = [k.decode() for k in np.load(folder / "text.keys.npy")[[7, 0, 7]]]
     rows = text(keys)

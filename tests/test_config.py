@@ -7,28 +7,28 @@ import sys
 from pathlib import Path
 
 import pytest
-from distill.cli import main
 
-from distill.config import load_config
+from distill.commands.cli import main
+from distill.core.check import load_checked
 from distill.errors import ConfigError
 from tests.conftest import write_yaml
 
 
 def errors(path: Path, *overrides: str) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        load_config(path, list(overrides))
+        load_checked(path, list(overrides))
     return info.value.problems
 
 
 def test_tiny_config_loads_typed(tiny_yaml: Path) -> None:
-    cfg = load_config(tiny_yaml)
+    cfg = load_checked(tiny_yaml)
     assert cfg.edges["si_st"].args["learnable"] is True
     assert cfg.edges["si_tt"].weight == 1.0 and cfg.models["teacher"].frozen
     assert cfg.data.batch_size == 16
 
 
 def test_overrides_are_typed_and_toggle_edges(tiny_yaml: Path) -> None:
-    cfg = load_config(tiny_yaml, ["edges.si_tt.enabled=false", "edges.si_st.weight=0.5", "data.batch_size=8"])
+    cfg = load_checked(tiny_yaml, ["edges.si_tt.enabled=false", "edges.si_st.weight=0.5", "data.batch_size=8"])
     assert cfg.edges["si_tt"].enabled is False
     assert cfg.edges["si_st"].weight == 0.5 and cfg.data.batch_size == 8
 
@@ -41,7 +41,7 @@ def test_extends_states_only_the_difference(tiny_yaml: Path, tmp_path: Path) -> 
           st_ti_kl: {{enabled: false}}
           si_tt: null
     """)
-    cfg = load_config(child)
+    cfg = load_checked(child)
     assert cfg.name == "ablation" and cfg.edges["st_ti_kl"].enabled is False
     assert "si_tt" not in cfg.edges
     assert cfg.edges["st_ti_kl"].loss == "similarity_kl"  # inherited
@@ -79,7 +79,7 @@ def test_dimension_mismatch_without_projection(tiny_yaml: Path) -> None:
 
 
 def test_projectable_loss_accepts_different_widths(tiny_yaml: Path) -> None:
-    cfg = load_config(tiny_yaml)  # si_tt: student 16 vs teacher 24 under infonce
+    cfg = load_checked(tiny_yaml)  # si_tt: student 16 vs teacher 24 under infonce
     assert cfg.edges["si_tt"].inputs == ["student.image", "teacher.text"]
 
 
@@ -125,7 +125,7 @@ def test_cli_exits_2_with_one_line_per_problem(tiny_yaml: Path, capsys: pytest.C
 
 def test_console_script_exit_code(tiny_yaml: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "distill.cli", "validate", str(tiny_yaml), "edges.si_st.loss=nope"],
+        [sys.executable, "-m", "distill", "validate", str(tiny_yaml), "edges.si_st.loss=nope"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
@@ -138,3 +138,39 @@ def test_validate_prints_graph(tiny_yaml: Path, capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     assert "teacher" in out and "not loaded" in out  # every teacher edge is off
     assert "disabled edges:" in out and "si_tt" in out.split("disabled edges:")[1]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["edges.si_tt.weight=-0.5"], "edges.si_tt.weight: must be >= 0"),
+        (["edges.si_tt.weight=.nan"], "edges.si_tt.weight: must be a finite number, got nan"),
+        (["edges.si_tt.weight=.inf"], "edges.si_tt.weight: must be a finite number, got inf"),
+        (["edges.si_tt.args.temperature=0.005"],
+         "edges.si_tt.args.temperature: temperature 0.005 is below 1/max_logit_scale = 0.01"),
+        (["edges.si_st.args.temperature=0.02", "edges.si_st.args.max_logit_scale=20"],
+         "edges.si_st.args.temperature: temperature 0.02 is below 1/max_logit_scale = 0.05"),
+        (["edges.si_tt.args.max_logit_scale=0"], "edges.si_tt.args.max_logit_scale: max_logit_scale must be"),
+        (["edges.st_ti_kl.args.student_temperature=0"], "edges.st_ti_kl.args.student_temperature: student_temperature must be"),
+    ],
+)
+def test_values_that_would_train_silently_wrong_are_errors(tiny_yaml: Path, overrides: list[str], expected: str) -> None:
+    problems = errors(tiny_yaml, *overrides)
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_weight_zero_is_a_monitored_edge(tiny_yaml: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Zero is allowed and labelled: the edge is computed and logged, with no gradient."""
+    assert main(["validate", str(tiny_yaml), "edges.si_tt.weight=0"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("si_tt"))
+    assert "monitored: weight 0, no gradient" in line
+
+
+def test_loading_runs_no_semantic_check(tiny_yaml: Path) -> None:
+    """`load_config` is the schema only; the command decides to check (`load_checked`)."""
+    from distill.config.load import load_config
+
+    cfg = load_config(tiny_yaml, ["edges.si_st.loss=nope"])
+    assert cfg.edges["si_st"].loss == "nope"
+    with pytest.raises(ConfigError, match="edges.si_st.loss: unknown loss 'nope'"):
+        load_checked(tiny_yaml, ["edges.si_st.loss=nope"])

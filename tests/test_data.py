@@ -15,12 +15,13 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from distill.batch import Batch, RetrievalBatch
-from distill.data import DistillDataModule, Part, split_items
+from distill.data import Part, split_items
 from distill.data.karpathy import KarpathySplits
 from distill.data.synthetic import TOKENIZER_DIR
 from distill.data.webdataset import WebDatasetShards
 from distill.errors import ConfigError
 from distill.models.base import ImagePreprocess, TextPreprocess
+from distill.training.datamodule import DistillDataModule
 
 
 def _jpg(colour: tuple[int, int, int], size: int = 40) -> bytes:

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from distill.graph import Edge, KnowledgeGraph
 from torch import Tensor, nn
 
 import distill.losses  # noqa: F401  (registers the losses)
 from distill.batch import Batch
+from distill.core.graph import Edge, KnowledgeGraph
 from distill.models.base import Encoder, l2norm
 from distill.registry import LOSSES
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from distill.train import metrics_csv
+
+from distill.training.trainer import metrics_csv
 
 pytestmark = pytest.mark.ddp
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_two_process_fit_writes_the_run_folder(tiny_yaml: Path) -> None:
     out = tiny_yaml.parent / "run"
-    cmd = [sys.executable, "-m", "distill.cli", "fit", str(tiny_yaml),
+    cmd = [sys.executable, "-m", "distill", "fit", str(tiny_yaml),
            "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     # Lightning starts rank 1 by re-running this command; a hang must not outlive the test
@@ -38,8 +39,8 @@ def test_two_process_fit_writes_the_run_folder(tiny_yaml: Path) -> None:
 
 
 def test_fsdp_on_cpu_is_a_config_error(tiny_yaml: Path) -> None:
-    from distill.config import load_config
+    from distill.core.check import load_checked
     from distill.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"^trainer.strategy: Lightning runs fsdp on GPUs only"):
-        load_config(tiny_yaml, ["trainer.strategy=fsdp", "trainer.accelerator=cpu"])
+        load_checked(tiny_yaml, ["trainer.strategy=fsdp", "trainer.accelerator=cpu"])

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from distill.cli import main
 
+from distill.commands.cli import main
 from tests.conftest import shrink
 
 

@@ -7,10 +7,10 @@ import math
 from pathlib import Path
 
 import pytest
-from distill.cli import main
-from distill.train import metrics_csv
 
-from distill.config import load_config
+from distill.commands.cli import main
+from distill.core.check import load_checked
+from distill.training.trainer import metrics_csv
 from tests.conftest import shrink
 
 EXPERIMENTS = sorted(  # experiments/ablations/ holds sweep files, checked in tests/test_sweep.py
@@ -26,7 +26,7 @@ def test_there_are_experiments() -> None:
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
 def test_every_experiment_validates(path: Path, data_root: Path, tiny_towers: Path, tmp_path: Path) -> None:
     # the experiment's own graph, only with the teacher checkpoint pointed at a tiny local one
-    cfg = load_config(path, shrink(path, data_root, tmp_path, tiny_towers))
+    cfg = load_checked(path, shrink(path, data_root, tmp_path, tiny_towers))
     assert any(e.enabled for e in cfg.edges.values())
 
 
@@ -42,7 +42,7 @@ def test_fit_conaclip_end_to_end(data_root: Path, tiny_towers: Path, tmp_path: P
     assert "val/rsum" in capsys.readouterr().out
     rows = read_metrics(out)
     columns = set(rows[0])
-    enabled = [n for n, e in load_config(exp, shrink(exp, data_root, out, tiny_towers)).edges.items() if e.enabled]
+    enabled = [n for n, e in load_checked(exp, shrink(exp, data_root, out, tiny_towers)).edges.items() if e.enabled]
     assert {f"train/edge/{n}" for n in enabled} <= columns
     assert "train/edge/ti_si_fd" not in columns  # disabled in the YAML
     assert (out / "final.ckpt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()

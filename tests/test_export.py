@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distill.cli import main
 from PIL import Image
 
+from distill.commands.cli import main
 from distill.deploy.export import export_checkpoint
 from distill.deploy.parity import (
     INT8_MIN_COSINE,
@@ -56,13 +56,12 @@ MANIFEST_KEYS = {"format", "model", "embed_dim", "image", "text", "tokenizer", "
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
-    """`final.ckpt` of a 2-step fit of the tiny dual encoder."""
-    from distill.train import fit
-
-    from distill.config import load_config
+    """`final.ckpt` of a 2-step train of the tiny dual encoder."""
+    from distill.core.check import load_checked
+    from distill.training.stages import train
 
     folder = tmp_path_factory.mktemp("export_fit")
-    fit(load_config(write_yaml(folder, "dual.yaml", DUAL.format(out=folder / "run", data=data_root))))
+    train(load_checked(write_yaml(folder, "dual.yaml", DUAL.format(out=folder / "run", data=data_root))))
     return folder / "run" / "final.ckpt"
 
 
@@ -72,7 +71,7 @@ def onnx_folder(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def _encoder(checkpoint: Path):  # noqa: ANN202 - an Encoder
-    from distill.evaluate import load_checkpoint
+    from distill.training.checkpoint import load_checkpoint
 
     return load_checkpoint(checkpoint).graph.models["student"].eval()
 
@@ -165,7 +164,7 @@ def test_int8_text_export_reports_its_recall_cost(checkpoint: Path, onnx_folder:
 
 
 def test_text_recall_cost_of_identical_encoders_is_zero(onnx_folder: Path, checkpoint: Path) -> None:
-    from distill.evaluate import load_checkpoint
+    from distill.training.checkpoint import load_checkpoint
 
     model = ExportedModel(onnx_folder, threads=1)
     split, items = eval_items(load_checkpoint(checkpoint).config, limit=8)

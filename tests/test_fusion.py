@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from distill.build import build_graph
 
-from distill.config import load_config
+from distill.core.build import build_graph
+from distill.core.check import load_checked
 from distill.errors import ConfigError
 from distill.losses.base import EdgeContext
 from distill.losses.itm import itm_loss, sample_negatives
@@ -137,7 +137,7 @@ def test_itm_losses_train_the_fused_model(name: str, fusion: Fusion) -> None:
 
 def test_fused_pretrain_graph_step_then_as_frozen_teacher(data_root: Path, tiny_towers: Path, tmp_path: Path) -> None:
     exp = Path(__file__).parent.parent / "experiments" / "fused_teacher_pretrain.yaml"
-    graph = build_graph(load_config(exp, shrink(exp, data_root, tmp_path, tiny_towers)))
+    graph = build_graph(load_checked(exp, shrink(exp, data_root, tmp_path, tiny_towers)))
     from tests.test_graph import fake_batch
 
     out = graph(fake_batch(graph))
@@ -212,7 +212,7 @@ def test_pair_nodes_only_feed_pair_slots(data_root: Path, tiny_towers: Path, tmp
         "edges.bad.loss=infonce", "edges.bad.inputs=[fused.pair, fused.text]",
         "edges.itm_random.inputs=[fused.image]"]
     with pytest.raises(ConfigError) as e:
-        load_config(exp, args)
+        load_checked(exp, args)
     assert e.value.problems == [
         "edges.itm_random.inputs[0]: slot 'pair' of loss 'itm' takes a fused model's pair node (<model>.pair); got 'fused.image'",
         "edges.bad.inputs[0]: slot 'a' of loss 'infonce' takes an embedding node, not a pair scorer; got 'fused.pair'",

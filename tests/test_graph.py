@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from distill.build import build_graph, models_to_load
-from distill.graph import KnowledgeGraph
 
 from distill.batch import Batch
-from distill.config import load_config
+from distill.core.build import build_graph, models_to_load
+from distill.core.check import load_checked
+from distill.core.graph import KnowledgeGraph
 
 
 def fake_batch(graph: KnowledgeGraph, n: int = 6) -> Batch:
@@ -35,7 +35,7 @@ def count_calls(graph: KnowledgeGraph) -> dict[str, int]:
 
 
 def test_forward_returns_total_and_each_enabled_edge(tiny_yaml: Path) -> None:
-    graph = build_graph(load_config(tiny_yaml))
+    graph = build_graph(load_checked(tiny_yaml))
     out = graph(fake_batch(graph))
     assert set(out) == {"loss", "edge/si_st", "edge/si_tt", "edge/st_ti_kl"}
     expected = sum(graph.edges[k[5:]].weight * v for k, v in out.items() if k.startswith("edge/"))
@@ -46,7 +46,7 @@ def test_forward_returns_total_and_each_enabled_edge(tiny_yaml: Path) -> None:
 
 
 def test_teacher_with_all_edges_off_is_never_called(tiny_yaml: Path) -> None:
-    graph = build_graph(load_config(tiny_yaml))
+    graph = build_graph(load_checked(tiny_yaml))
     calls = count_calls(graph)
     graph.set_enabled({"si_tt": False, "st_ti_kl": False})
     out = graph(fake_batch(graph))
@@ -58,13 +58,13 @@ def test_teacher_with_all_edges_off_is_never_called(tiny_yaml: Path) -> None:
 
 
 def test_a_teacher_no_enabled_edge_reads_is_not_even_loaded(tiny_yaml: Path) -> None:
-    cfg = load_config(tiny_yaml, ["edges.si_tt.enabled=false", "edges.st_ti_kl.enabled=false"])
+    cfg = load_checked(tiny_yaml, ["edges.si_tt.enabled=false", "edges.st_ti_kl.enabled=false"])
     assert models_to_load(cfg) == ["student"]
     assert list(build_graph(cfg).models) == ["student"]
 
 
 def test_each_node_runs_once_per_step(tiny_yaml: Path) -> None:
-    graph = build_graph(load_config(tiny_yaml))
+    graph = build_graph(load_checked(tiny_yaml))
     calls = count_calls(graph)
     graph(fake_batch(graph))
     # student.image, student.text, teacher.text, teacher.image: each once although read by 2-3 edges
@@ -72,14 +72,14 @@ def test_each_node_runs_once_per_step(tiny_yaml: Path) -> None:
 
 
 def test_teachers_stay_in_eval_mode_and_frozen(tiny_yaml: Path) -> None:
-    graph = build_graph(load_config(tiny_yaml))
+    graph = build_graph(load_checked(tiny_yaml))
     graph.train()
     assert graph.models["student"].training and not graph.models["teacher"].training
     assert not any(p.requires_grad for p in graph.models["teacher"].parameters())
 
 
 def test_disabled_edge_parameters_stop_training(tiny_yaml: Path) -> None:
-    graph = build_graph(load_config(tiny_yaml))
+    graph = build_graph(load_checked(tiny_yaml))
     assert graph.losses["si_st"].logit_scale.requires_grad
     graph.set_enabled({"si_st": False})
     assert not graph.losses["si_st"].logit_scale.requires_grad
@@ -88,7 +88,7 @@ def test_disabled_edge_parameters_stop_training(tiny_yaml: Path) -> None:
 
 
 def test_half_precision_teacher(tiny_yaml: Path) -> None:
-    graph = build_graph(load_config(tiny_yaml, ["models.teacher.precision=bf16"]))
+    graph = build_graph(load_checked(tiny_yaml, ["models.teacher.precision=bf16"]))
     assert next(graph.models["teacher"].parameters()).dtype == torch.bfloat16
     out = graph(fake_batch(graph))
     assert torch.isfinite(out["loss"])

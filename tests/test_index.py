@@ -8,14 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from distill.cli import main
-from distill.index import load_index, mine_index
-from distill.train import fit, metrics_csv
 
-from distill.config import load_config
+from distill.commands.cli import main
+from distill.core.check import load_checked
 from distill.errors import ConfigError
 from distill.losses.base import EdgeContext
+from distill.negatives.mine import mine_index
+from distill.negatives.store import load_negatives
 from distill.registry import LOSSES
+from distill.training.stages import train
+from distill.training.trainer import metrics_csv
 
 HN_EDGE = """
   hn:
@@ -39,11 +41,11 @@ def index_file(tiny_yaml: Path, tmp_path: Path) -> Path:
 
 
 def test_index_holds_every_training_sample(index_file: Path, tiny_yaml: Path) -> None:
-    from distill.data.datamodule import build_dataset
+    from distill.data.base import open_dataset
 
-    index = load_index(index_file)
-    cfg = load_config(tiny_yaml)
-    keys = [s[0] for s in build_dataset(cfg.data.dataset, cfg.data.args).train_samples()]
+    index = load_negatives(index_file)
+    cfg = load_checked(tiny_yaml)
+    keys = [s[0] for s in open_dataset(cfg.data.dataset, cfg.data.args).train_samples()]
     assert sorted(index["keys"]) == sorted(keys) and len(set(index["keys"])) == len(keys)
     n, d = index["text"].shape
     assert index["image"].shape == (n, d) and index["i2t"].shape == (n, 6) and index["t2i"].shape == (n, 6)
@@ -56,7 +58,7 @@ def test_index_holds_every_training_sample(index_file: Path, tiny_yaml: Path) ->
 
 
 def test_mined_negatives_are_the_true_top_k(index_file: Path) -> None:
-    index = load_index(index_file)
+    index = load_negatives(index_file)
     ids, image, text, k = index["image_ids"], index["image"], index["text"], index["k"]
     first_of = {}
     for i, image_id in enumerate(ids.tolist()):
@@ -90,7 +92,7 @@ def test_loss_matches_the_formula(direction: str) -> None:
     index = synthetic_index()
     tau, k = 0.1, 2
     loss = LOSSES.get("hard_negative")(index="unused.pt", k=k, temperature=tau, direction=direction)
-    loss.set_index(index)
+    loss.set_negatives(index)
     rows = [0, 1, 4, 7]  # image 0 twice (a positive pair in the batch), images 2 and 3
     keys = [index["keys"][r] for r in rows]
     ids = index["image_ids"][rows]
@@ -118,26 +120,26 @@ def test_loss_rejects_bad_args_and_unknown_keys() -> None:
         cls(index="x.pt", direction="both")
     loss = cls(index="x.pt", k=5)
     with pytest.raises(ValueError, match="k=5 but the index"):
-        loss.set_index(synthetic_index(k=3))
+        loss.set_negatives(synthetic_index(k=3))
     loss = cls(index="x.pt", k=2)
-    loss.set_index(synthetic_index())
+    loss.set_negatives(synthetic_index())
     with pytest.raises(KeyError, match="not in the index"):
         loss(torch.ones(1, 4), torch.ones(1, 4), ctx=EdgeContext(image_ids=torch.tensor([0]), keys=["nope/0"]))
 
 
 def test_missing_index_is_a_clear_error_at_fit_time(tiny_yaml: Path, tmp_path: Path) -> None:
     path = with_hn_edge(tiny_yaml, tmp_path / "missing.pt")
-    cfg = load_config(path)  # validation does not need the file
-    with pytest.raises(ConfigError, match=r"^edges\.hn\.args\.index: index '.*missing.pt': no such file"):
-        fit(cfg)
+    cfg = load_checked(path)  # validation does not need the file
+    with pytest.raises(ConfigError, match=r"^edges\.hn\.args\.index: negatives file '.*missing.pt': no such file"):
+        train(cfg)
 
 
 def test_fit_with_hard_negatives_and_refresh(tiny_yaml: Path, index_file: Path) -> None:
     path = with_hn_edge(tiny_yaml, index_file, ", refresh_every: 2")
-    before = load_index(index_file)
-    metrics, module = fit(load_config(path))
+    before = load_negatives(index_file)
+    metrics, module = train(load_checked(path))
     assert "val/rsum" in metrics
-    after = load_index(index_file)
+    after = load_negatives(index_file)
     assert not torch.equal(before["image"], after["image"])  # re-embedded with trained weights
     assert after["i2t"].shape == before["i2t"].shape
-    assert "train/edge/hn" in open(metrics_csv(load_config(path).output_dir)).readline()
+    assert "train/edge/hn" in open(metrics_csv(load_checked(path).output_dir)).readline()

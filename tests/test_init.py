@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from distill.build import build_graph
 
-from distill.config import load_config
+from distill.core.build import build_graph
+from distill.core.check import load_checked
 from distill.errors import ConfigError
 from distill.models.dual_encoder import DualEncoder
 from distill.models.fusion import Fusion
@@ -134,7 +134,7 @@ data:
 
 def test_init_from_the_config_runs_after_loading(tmp_path: Path, data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     towers = dual(layers=3).save_pretrained(tmp_path_factory.mktemp("t3") / "towers")
-    cfg = load_config(write_yaml(tmp_path, "c.yaml", INIT_YAML.format(out=tmp_path, towers=towers, data=data_root)))
+    cfg = load_checked(write_yaml(tmp_path, "c.yaml", INIT_YAML.format(out=tmp_path, towers=towers, data=data_root)))
     graph = build_graph(cfg)
     assert list(graph.models) == ["student"]  # the teacher served only as a source: not kept
     from distill.models.dual_encoder import Towers
@@ -152,7 +152,7 @@ def test_init_config_problems_are_reported_before_loading(tmp_path: Path, data_r
     text = INIT_YAML.format(out=tmp_path, towers="/no/such/towers", data=data_root)
     text = text.replace("from: teacher", "from: techer\n      slize: true")
     with pytest.raises(ConfigError) as e:
-        load_config(write_yaml(tmp_path, "c.yaml", text))
+        load_checked(write_yaml(tmp_path, "c.yaml", text))
     problems = [p for p in e.value.problems if ".init" in p]
     assert problems == [
         "models.student.init.slize: unknown key (allowed: from, tensors, layers, slice)",
@@ -161,4 +161,4 @@ def test_init_config_problems_are_reported_before_loading(tmp_path: Path, data_r
     cyclic = INIT_YAML.format(out=tmp_path, towers="/x", data=data_root).replace(
         "    frozen: true\n", "    frozen: true\n    init: {from: student, tensors: {text_proj: text_proj}}\n")
     with pytest.raises(ConfigError, match=r"models.student.init.from: inheritance cycle student -> teacher -> student"):
-        load_config(write_yaml(tmp_path, "cyc.yaml", cyclic))
+        load_checked(write_yaml(tmp_path, "cyc.yaml", cyclic))

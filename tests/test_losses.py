@@ -27,7 +27,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import distill.losses  # noqa: E402, F401  (registers every loss)
 from distill.losses.base import EdgeContext  # noqa: E402
 from distill.registry import LOSSES  # noqa: E402
 
@@ -200,9 +199,9 @@ CASES = [
     ("infonce_learnable_unique", "infonce", {"temperature": 0.1, "learnable": True}, [0, 1], UNIQUE_IDS),
     ("infonce_learnable_dup", "infonce", {"temperature": 0.1, "learnable": True}, [0, 1], DUP_IDS),
     (
-        "infonce_learnable_clamped_dup",
+        "infonce_learnable_at_cap_dup",
         "infonce",
-        {"temperature": 0.005, "learnable": True, "max_logit_scale": 100.0},
+        {"temperature": 0.01, "learnable": True, "max_logit_scale": 100.0},
         [0, 1],
         DUP_IDS,
     ),
@@ -388,13 +387,10 @@ def test_kl_is_non_negative(seed, columns):
     assert run_loss("similarity_kl", kwargs, xs, DUP_IDS).item() >= 0.0
 
 
-@pytest.mark.parametrize("name", LOSSES.names())
-def test_every_loss_is_finite_and_differentiable(name):
-    cls = LOSSES.get(name)
-    if "pair" in cls.inputs:
-        pytest.skip("pair-scorer inputs: tests/test_fusion.py (itm) and tests/test_fused_losses.py (fused_*)")
-    if name == "hard_negative":
-        pytest.skip("needs an index file; exercised in tests/test_index.py")
+def check_finite_and_differentiable(cls: type) -> None:
+    """A loss built with its defaults gives a finite scalar on a batch with duplicate image
+    ids, and finite gradients that reach at least one input (also run over plugin losses:
+    `pytest tests/test_losses.py --distill-plugins my_edges`)."""
     loss = cls()
     dim = 8
     gen = torch.Generator().manual_seed(11)
@@ -409,12 +405,22 @@ def test_every_loss_is_finite_and_differentiable(name):
     assert torch.isfinite(out)
     out.backward()
     grads = [x.grad for x in xs if x.grad is not None]
-    assert grads, f"{name}: no input received a gradient"
+    assert grads, f"{cls.__name__}: no input received a gradient"
     for g in grads:
         assert torch.isfinite(g).all()
     for p in loss.parameters():
         if p.grad is not None:
             assert torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_every_loss_is_finite_and_differentiable(name):
+    cls = LOSSES.get(name)
+    if "pair" in cls.inputs:
+        pytest.skip("pair-scorer inputs: tests/test_fusion.py (itm) and tests/test_fused_losses.py (fused_*)")
+    if name == "hard_negative":
+        pytest.skip("needs mined negatives; exercised in tests/test_index.py")
+    check_finite_and_differentiable(cls)
 
 
 # --------------------------------------------------------------------------------------
@@ -487,7 +493,7 @@ def test_infonce_fixed_temperature_is_not_a_parameter():
 
 
 def test_infonce_scale_is_clamped():
-    loss = LOSSES.get("infonce")(temperature=0.001, learnable=True, max_logit_scale=100.0)
+    loss = LOSSES.get("infonce")(temperature=0.01, learnable=True, max_logit_scale=100.0)
     assert math.isclose(loss.scale().item(), 100.0, rel_tol=1e-6)
     with torch.no_grad():
         loss.logit_scale.fill_(math.log(1e4))  # as if training pushed it beyond the cap
@@ -496,10 +502,23 @@ def test_infonce_scale_is_clamped():
     got = loss(a, b, ctx=ctx_for(DUP_IDS)).item()
     assert _close(got, ref_infonce(to_lists(a), to_lists(b), DUP_IDS, temperature=0.01))
 
-    small_cap = LOSSES.get("infonce")(temperature=0.01, max_logit_scale=20.0)
+    small_cap = LOSSES.get("infonce")(temperature=0.05, learnable=True, max_logit_scale=20.0)
+    with torch.no_grad():
+        small_cap.logit_scale.fill_(math.log(50.0))
     assert math.isclose(small_cap.scale().item(), 20.0, rel_tol=1e-6)
     got = small_cap(a, b, ctx=ctx_for(DUP_IDS)).item()
     assert _close(got, ref_infonce(to_lists(a), to_lists(b), DUP_IDS, temperature=0.05))
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_infonce_refuses_a_temperature_the_cap_would_raise(learnable):
+    """Below 1/max_logit_scale the clamp would silently train at another temperature."""
+    from distill.losses.base import ArgumentError
+
+    with pytest.raises(ArgumentError, match="below 1/max_logit_scale") as info:
+        LOSSES.get("infonce")(temperature=0.005, learnable=learnable)
+    assert info.value.argument == "temperature"
+    LOSSES.get("infonce")(temperature=0.005, learnable=learnable, max_logit_scale=200.0)  # VLDeformer's
 
 
 # --------------------------------------------------------------------------------------

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from distill.cli import main
-from distill.train import metrics_csv
 
+from distill.commands.cli import main
+from distill.training.trainer import metrics_csv
 from tests.conftest import write_yaml
+
+REPO = Path(__file__).resolve().parent.parent
 
 PLUGIN = '''
 from torch import Tensor
@@ -60,3 +65,16 @@ def test_plugin_edge_validates_and_trains(tiny_yaml: Path, tmp_path: Path, monke
     rows = list(csv.DictReader(open(metrics_csv(tmp_path / "run"))))
     values = [r["train/edge/ti_si_margin"] for r in rows if r.get("train/edge/ti_si_margin")]
     assert len(values) == 3 and all(float(v) >= 0 for v in values)
+
+
+def test_generic_loss_checks_run_over_plugin_losses(tmp_path: Path) -> None:
+    """`--distill-plugins` imports a plugin before collection: the registry-wide loss test covers it."""
+    (tmp_path / "my_edges_test.py").write_text(PLUGIN)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_losses.py"),
+         "--distill-plugins", "my_edges_test", "-k", "every_loss and cosine_margin_test"],
+        capture_output=True, text=True, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:]
+    assert "1 passed" in run.stdout

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from distill.data.datamodule import DistillDataModule
 
-from distill.config import load_config
+from distill.core.check import load_checked
+from distill.training.datamodule import DistillDataModule
 from tests.conftest import shrink
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +66,7 @@ def command(out: Path, data_root: Path, towers: Path, *extra: str) -> list[str]:
         "trainer.checkpoint_every_n_steps=3", "data.num_workers=2", "plugins=[pause_plugin]",
         "edges.pause.loss=pause_test", "edges.pause.inputs=[student.image]", "edges.pause.weight=0.0",
     ]
-    return [sys.executable, "-m", "distill.cli", "fit", str(EXPERIMENT), *args, *extra]
+    return [sys.executable, "-m", "distill", "fit", str(EXPERIMENT), *args, *extra]
 
 
 def student_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -76,7 +76,7 @@ def student_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("extra", [[], ["data.steps_per_epoch=9"]], ids=["one_pass", "steps"])
 def test_loader_replays_the_rest_of_an_epoch(tiny_yaml: Path, extra: list[str]) -> None:
-    cfg = load_config(tiny_yaml, ["data.num_workers=2", *extra])
+    cfg = load_checked(tiny_yaml, ["data.num_workers=2", *extra])
 
     def keys(skip: int | None) -> list[list[str]]:
         loader = DistillDataModule(cfg.data, {}).train_dataloader()  # no models: keys only

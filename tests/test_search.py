@@ -9,12 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from distill.cli import main
 from PIL import Image
 
+from distill.commands.cli import main
 from distill.deploy.embedders import CheckpointEmbedder, Embedder
 from distill.deploy.search import contact_sheet, query
-from distill.deploy.search_index import SearchIndex, build_index, load_index, save_index
+from distill.deploy.search_index import (
+    SearchIndex,
+    index_images,
+    load_search_index,
+    save_search_index,
+)
 from distill.deploy.sources import parse_source, read_image
 from distill.errors import ConfigError
 
@@ -86,7 +91,7 @@ def shards(tmp_path: Path) -> str:
 
 
 def stub_index(sources: list[str], **kwargs) -> tuple[dict, object]:
-    return build_index([parse_source(s) for s in sources], ColourEmbedder(), model="stub", names=sources,
+    return index_images([parse_source(s) for s in sources], ColourEmbedder(), model="stub", names=sources,
                        progress=False, **kwargs)  # fmt: skip
 
 
@@ -99,7 +104,7 @@ def test_folder_index_finds_the_named_colour(image_folder: Path, tmp_path: Path)
     assert data["ids"] == sorted(f"{'warm' if n in ('red', 'yellow', 'magenta') else 'cool'}/{n}.{'png' if i % 2 else 'jpg'}"
                                  for i, n in enumerate(COLOURS))  # fmt: skip
     assert dict(skipped.counts) == {"unreadable image": 1} and "broken.jpg" in skipped.summary()
-    path = save_index(data, tmp_path / "out" / "colours.idx")
+    path = save_search_index(data, tmp_path / "out" / "colours.idx")
     assert not list(path.parent.glob("*.tmp"))  # written through a temporary file
     index = SearchIndex.open(path)
     assert index.embed_dim == 3 and len(index) == 6 and index.embedder == "colour stub"
@@ -174,7 +179,7 @@ def test_build_and_search_through_a_checkpoint(tiny_checkpoint: Path, image_fold
                  "--batch-size", "4"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert f"wrote {out}: 6 images x 16 (float32)" in printed and "skipped 1 unreadable image" in printed
-    data = load_index(out)
+    data = load_search_index(out)
     assert data["model"] == str(tiny_checkpoint.resolve()) and data["embed_dim"] == 16
     assert main(["search", str(out), "a red circle", "-k", "3", "--sheet", str(sheet)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -200,7 +205,7 @@ def test_build_from_the_embedded_benchmark_split(tiny_checkpoint: Path, data_roo
     args = ["n_train=48", "n_val=12", "n_test=12", "image_size=32", f"root={data_root}"]
     assert main(["index", "build", "synthetic:test", "--model", f"{tiny_checkpoint}:student", "--output", str(out),
                  "--dtype", "float16", *[a for kv in args for a in ("--data-arg", kv)]]) == 0  # fmt: skip
-    data = load_index(out)
+    data = load_search_index(out)
     assert len(data["ids"]) == 12 and all(data["captions"]) and data["locations"] == [""] * 12
     index = SearchIndex(data)
     assert index.image(5) is not None and index.image(5).size == (32, 32)  # from the thumbnail
@@ -227,12 +232,12 @@ def test_through_an_export_folder(tiny_checkpoint: Path, image_folder: Path, tmp
     folder = export.export_checkpoint(tiny_checkpoint, format="onnx", output=tmp_path / "export")
     out = tmp_path / "photos.idx"
     assert main(["index", "build", str(image_folder), "--model", str(folder), "--output", str(out)]) == 0
-    data = load_index(out)
+    data = load_search_index(out)
     assert data["model"] == str(folder.resolve()) and data["embedder"].startswith("export ")
     # the exported student ranks like the checkpoint it came from
     torch_index = tmp_path / "torch.idx"
     assert main(["index", "build", str(image_folder), "--model", str(tiny_checkpoint), "--output", str(torch_index)]) == 0
-    assert np.allclose(data["embeddings"].numpy(), load_index(torch_index)["embeddings"].numpy(), atol=1e-4)
+    assert np.allclose(data["embeddings"].numpy(), load_search_index(torch_index)["embeddings"].numpy(), atol=1e-4)
     capsys.readouterr()
     assert main(["search", str(out), "a green square", "-k", "6", "--sheet", ""]) == 0
     assert "ms tokenize+encode" in capsys.readouterr().out
@@ -278,7 +283,7 @@ def test_bad_inputs(tiny_checkpoint: Path, image_folder: Path, tmp_path: Path, c
 def test_index_recorded_model_gone(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data, _ = stub_index([str(image_folder)])
     data["model"] = str(tmp_path / "gone.ckpt")
-    path = save_index(data, tmp_path / "i.idx")
+    path = save_search_index(data, tmp_path / "i.idx")
     assert main(["search", str(path), "red", "--sheet", ""]) == 2
     one_error(capsys, f"INDEX: checkpoint '{tmp_path / 'gone.ckpt'}' does not exist", "pass --model to use another")
 
@@ -291,12 +296,12 @@ def test_index_is_a_group(tiny_yaml: Path, tmp_path: Path, capsys: pytest.Captur
     # a hard-negative index is refused by search, and a search index by the loss
     assert main(["index", "mine", str(tiny_yaml), "--model", "student", "--output", str(tmp_path / "hn.pt"), "--k", "2"]) == 0
     assert main(["search", str(tmp_path / "hn.pt"), "red"]) == 2
-    one_error(capsys, "is a hard-negative index (`distill index mine`), not a search index")
+    one_error(capsys, "holds mined negatives (`distill index mine`), not a search index")
 
 
 def test_search_index_is_refused_as_hard_negatives(image_folder: Path, tmp_path: Path) -> None:
-    from distill.index import load_index as load_hard_negatives
+    from distill.negatives.store import load_negatives
 
-    path = save_index(stub_index([str(image_folder)])[0], tmp_path / "s.idx")
+    path = save_search_index(stub_index([str(image_folder)])[0], tmp_path / "s.idx")
     with pytest.raises(ConfigError, match="a search index"):
-        load_hard_negatives(path)
+        load_negatives(path)

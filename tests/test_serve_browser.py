@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from distill.cli import main
 from PIL import Image, ImageDraw
 
+from distill.commands.cli import main
 from distill.deploy.embedders import CheckpointEmbedder
-from distill.deploy.search_index import load_index
+from distill.deploy.search_index import load_search_index
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason="chromium is not installed (apt-get install chromium chromium-driver)")
@@ -48,7 +48,7 @@ def index_file(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="module")
 def server(index_file: Path) -> Iterator[str]:
     """`distill serve INDEX --port 0` in a subprocess; yields its base URL."""
-    proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "serve", str(index_file), "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "distill", "serve", str(index_file), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         deadline, url, seen = time.monotonic() + 180, None, []
@@ -85,7 +85,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 def expected_top(index_file: Path, checkpoint: Path, text: str, k: int) -> list[str]:
     """The top-k ids by brute force with the same model, computed outside the server."""
-    data = load_index(index_file)
+    data = load_search_index(index_file)
     scores = data["embeddings"].numpy() @ CheckpointEmbedder(checkpoint).encode_texts([text])[0]
     return [data["ids"][i] for i in np.argsort(-scores, kind="stable")[:k]]
 

@@ -6,14 +6,15 @@ import csv
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-import distill.stages as stages
 import pytest
 import torch
-from distill.train import fit, metrics_csv
 from torch import nn
 
-from distill.config import load_config
+import distill.training.stages as stages
+from distill.core.check import load_checked
 from distill.errors import ConfigError
+from distill.training.stages import train
+from distill.training.trainer import metrics_csv
 
 STAGES = """
 stages:
@@ -35,7 +36,7 @@ def staged_yaml(tiny_yaml: Path) -> Path:
 
 def problems(path: Path, overrides: list[str]) -> list[str]:
     with pytest.raises(ConfigError) as e:
-        load_config(path, overrides)
+        load_checked(path, overrides)
     return e.value.problems
 
 
@@ -54,15 +55,15 @@ def test_stage_validation_errors_name_their_yaml_path(staged_yaml: Path) -> None
 
 
 def test_list_item_overrides(staged_yaml: Path) -> None:
-    cfg = load_config(staged_yaml, ["stages.1.lr=0.5", "stages.0.max_steps=7"])
+    cfg = load_checked(staged_yaml, ["stages.1.lr=0.5", "stages.0.max_steps=7"])
     assert cfg.stages[1].lr == 0.5 and cfg.stages[0].max_steps == 7 and cfg.stages[1].name == "second"
     assert cfg.stages[0].train == ["*"]  # the default
 
 
 def test_pattern_matching_no_parameter_fails_before_training(staged_yaml: Path) -> None:
-    cfg = load_config(staged_yaml, ["stages.1.train=[models.student.txt_*]"])
+    cfg = load_checked(staged_yaml, ["stages.1.train=[models.student.txt_*]"])
     with pytest.raises(ConfigError, match=r"^stages\[1\]\.train\[0\]: pattern 'models.student.txt_\*' matches no trainable"):
-        fit(cfg)
+        train(cfg)
     assert not (Path(cfg.output_dir) / "stages" / "0_first" / "checkpoints").exists()
 
 
@@ -108,9 +109,9 @@ def test_stage_hand_off_skip_and_resume(staged_yaml: Path, monkeypatch: pytest.M
         return real(graph, patterns)
 
     monkeypatch.setattr(stages, "set_trainable", record)
-    cfg = load_config(staged_yaml)
+    cfg = load_checked(staged_yaml)
     out = Path(cfg.output_dir)
-    metrics, module = fit(cfg)
+    metrics, module = train(cfg)
     first, second = out / "stages" / "0_first", out / "stages" / "1_second"
     assert "val/rsum" in metrics and (out / "final.ckpt").is_file() and (out / "metrics.json").is_file()
 
@@ -134,7 +135,7 @@ def test_stage_hand_off_skip_and_resume(staged_yaml: Path, monkeypatch: pytest.M
 
     # a second invocation skips both finished stages
     capsys.readouterr()
-    again, _ = fit(load_config(staged_yaml))
+    again, _ = train(load_checked(staged_yaml))
     assert again == metrics
     assert capsys.readouterr().out.count("finished, skipped") == 2
     assert not (second / "logs" / "version_1").exists()
@@ -142,7 +143,7 @@ def test_stage_hand_off_skip_and_resume(staged_yaml: Path, monkeypatch: pytest.M
     # a stage killed before it finished resumes from its last.ckpt
     (second / "final.ckpt").unlink()
     (second / "metrics.json").unlink()
-    fit(load_config(staged_yaml, ["stages.1.max_steps=5"]))
+    train(load_checked(staged_yaml, ["stages.1.max_steps=5"]))
     resumed = list(csv.DictReader(open(second / "logs" / "version_1" / "metrics.csv")))
     steps = {int(r["step"]) for r in resumed if r.get("train/loss")}
     assert steps and min(steps) >= 3  # steps 0-2 came from the checkpoint
@@ -154,21 +155,20 @@ def finished(folder: Path) -> bool:
 
 
 def test_leaner_faster_runs_end_to_end(data_root: Path, tiny_towers: Path, tmp_path: Path) -> None:
-    from distill.index import load_index
-
+    from distill.negatives.store import load_negatives
     from tests.conftest import shrink
 
     exp = Path("experiments/leaner_faster.yaml")
     out = tmp_path / "run"
     overrides = shrink(exp, data_root, out, tiny_towers) + [f"stages.{i}.max_steps=1" for i in range(3)]
-    metrics, _ = fit(load_config(exp, overrides))
+    metrics, _ = train(load_checked(exp, overrides))
     assert "val/rsum" in metrics
     names = ["0_intra", "1_image", "2_text"]
     assert all(stages.finished(out / "stages" / n) for n in names)
     assert edge_columns(out / "stages" / "1_image") == {f"train/edge/{e}" for e in ("si_st", "kd", "hn_i2t")}
     # each stage-2 index was built by the student from the weights that stage started with
     for name, index in (("0_intra", "image_stage"), ("1_image", "text_stage")):
-        assert load_index(out / "index" / f"{index}.pt")["model"] == "student"
+        assert load_negatives(out / "index" / f"{index}.pt")["model"] == "student"
         assert (out / "index" / f"{index}.pt").stat().st_mtime >= (out / "stages" / name / "final.ckpt").stat().st_mtime
     text = [k for k in student_state(out / "stages" / "0_intra" / "final.ckpt") if k.startswith("models.student.text_")]
     a, b = student_state(out / "stages" / "0_intra" / "final.ckpt"), student_state(out / "stages" / "1_image" / "final.ckpt")

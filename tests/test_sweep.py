@@ -6,10 +6,10 @@ import csv
 from pathlib import Path
 
 import pytest
-from distill.cli import main
-from distill.sweep import load_sweep, variant_configs
 
+from distill.commands.cli import main
 from distill.errors import ConfigError
+from distill.training.sweep import load_sweep, variant_configs
 from tests.conftest import shrink, write_yaml
 
 SWEEPS = sorted((Path(__file__).parent.parent / "experiments" / "ablations").glob("*.yaml"))

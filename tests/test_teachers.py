@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from distill.cli import main
 
-from distill.config import load_config
+from distill.commands.cli import main
+from distill.core.check import load_checked
 from distill.errors import ConfigError
 from distill.losses.base import EdgeContext
 from distill.models._hf import DEFAULT_TOKENIZER
@@ -86,7 +86,7 @@ def test_config_error_starts_with_the_yaml_path(tmp_path: Path, data_root: Path)
     inputs: [student.text, student.text, minilm.text, minilm.text]
 """, 1)
     with pytest.raises(ConfigError) as e:
-        load_config(write_yaml(tmp_path, "c.yaml", cfg))
+        load_checked(write_yaml(tmp_path, "c.yaml", cfg))
     assert e.value.problems == ["models.minilm.args: text model folder '/no/such/dir' does not exist"]
     assert main(["validate", str(tmp_path / "c.yaml")]) == 2
 
@@ -224,7 +224,7 @@ def test_multi_teacher_validates_with_both_teachers(data_root: Path, tiny_towers
     assert "teacher      towers" in out and "minilm       hf_text" in out and "minilm.text" in out
     assert "st_st_ens      similarity_kl_ensemble" in out
     # unshrunk, the MiniLM teacher is the real 384-wide one from the installed wheel
-    cfg = load_config(exp, shrink(exp, data_root, tmp_path, tiny_towers) + [f"models.minilm.args.path={MINILM}"])
+    cfg = load_checked(exp, shrink(exp, data_root, tmp_path, tiny_towers) + [f"models.minilm.args.path={MINILM}"])
     assert cfg.models["minilm"].args["path"] == MINILM
 
 
@@ -238,5 +238,5 @@ def test_missing_checkpoints_fail_validation_with_the_yaml_path(override: str, m
                                                                 tiny_towers: Path, tmp_path: Path) -> None:
     exp = Path(__file__).parent.parent / "experiments" / "multi_teacher.yaml"
     with pytest.raises(ConfigError) as e:
-        load_config(exp, shrink(exp, data_root, tmp_path, tiny_towers) + [override])
+        load_checked(exp, shrink(exp, data_root, tmp_path, tiny_towers) + [override])
     assert len(e.value.problems) == 1 and e.value.problems[0].startswith(message)

@@ -28,7 +28,7 @@ COMMANDS = {
     "sweep": "fit and evaluate every variant of a sweep YAML; write the table",
     "demo": "the main job: teacher, student alone, distilled student, report",
 }
-"""Command -> help. The command `x` lives in `distill/commands/x.py`."""
+"""Command -> help. Each command lives in `distill/commands/<command>.py`."""
 
 
 def parser(command: str | None = None) -> argparse.ArgumentParser:

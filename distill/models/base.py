@@ -31,7 +31,7 @@ class ImagePreprocess:
     std: tuple[float, float, float] = IMAGENET_STD
     deterministic: ClassVar[bool] = True
     """False in a subclass that augments (random crops, flips): its model's outputs then
-    differ per epoch and `distill.cache` refuses to cache them."""
+    differ per epoch and `distill.training.cache.store` refuses to cache them."""
 
     def key(self) -> tuple:
         """Identity used to share one preprocessed tensor among models that agree."""

@@ -64,7 +64,7 @@ class DistillModule(pl.LightningModule):
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """As `nn.Module.load_state_dict`, except that frozen models' weights may be absent on
-        either side: a teacher served by the output cache is not loaded (`distill.cache`), so
+        either side: a teacher served by the output cache is not loaded (`distill.training.cache.store`), so
         a checkpoint of a cached run lacks it, and a cached run resumes from a live one."""
         return load_tolerant(super(), state_dict, frozen_prefixes(self.config, "graph."), strict=strict)
 

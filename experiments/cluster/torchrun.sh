@@ -19,7 +19,7 @@ RUN=(torchrun --nnodes="$NODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS
 
 # 1) the teacher cache: every process encodes its share of the training images into the
 #    shared cache folder, rank 0 merges; a no-op when a matching cache exists
-"${RUN[@]}" -m distill.cli cache --device "$DEVICE" "$CONFIG" "$@"
+"${RUN[@]}" -m distill cache --device "$DEVICE" "$CONFIG" "$@"
 # 2) training; `resume=last` continues a run that was killed
-"${RUN[@]}" -m distill.cli fit "$CONFIG" \
+"${RUN[@]}" -m distill fit "$CONFIG" \
   trainer.num_nodes="$NODES" trainer.devices="$GPUS" trainer.strategy=ddp resume=last "$@"
