@@ -45,6 +45,11 @@ def rank() -> int:
     return local if node == 0 else node * int(os.environ.get("LOCAL_WORLD_SIZE", local + 1)) + local
 
 
+def local_rank() -> int:
+    """This process's rank on its node (which GPU it drives): `LOCAL_RANK`, `SLURM_LOCALID`, else 0."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+
+
 def launch_world() -> int:
     """Processes the launcher started: the group's size, else `WORLD_SIZE`, else 1."""
     return dist.get_world_size() if _grouped() else int(os.environ.get("WORLD_SIZE", 1))

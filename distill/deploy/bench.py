@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import os
 import platform
 import tempfile
@@ -40,6 +39,7 @@ from distill.eval.efficiency import (
     median_ms,
     peak_memory_mb,
 )
+from distill.io import atomic_path, write_json, write_text
 from distill.models.base import Encoder
 from distill.training.checkpoint import load_checkpoint
 
@@ -299,8 +299,7 @@ def write_report(report: dict[str, Any], output: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # matplotlib: heavy, only for plots
 
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(output / "bench.json", report)
     s = report["settings"]
     notes = (
         f"{s['threads']} thread(s), {s['cores']} cores, torch {s['torch']}, onnxruntime {s['onnxruntime']}; "
@@ -309,7 +308,7 @@ def write_report(report: dict[str, Any], output: Path) -> None:
         f"batch of {s['batch_size']} images and captions, the model already loaded. Search: exact top-{s['top_k']} "
         "of one query over random unit vectors of the target's width (float32 matrix product)."
     )
-    (output / "bench.md").write_text(f"# Efficiency report\n\n{notes}\n\n{format_table(report)}\n")
+    write_text(output / "bench.md", f"# Efficiency report\n\n{notes}\n\n{format_table(report)}\n")
     fig, ax = plt.subplots(figsize=(6, 4))
     for dim in sorted({r["embed_dim"] for r in report["targets"]}):
         names = ", ".join(r["name"] for r in report["targets"] if r["embed_dim"] == dim)
@@ -320,5 +319,6 @@ def write_report(report: dict[str, Any], output: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(output / "bench_search.png", dpi=120)
+    with atomic_path(output / "bench_search.png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)

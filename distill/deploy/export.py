@@ -236,7 +236,7 @@ def _export(
     parity.update(min_cosine=MIN_COSINE, images=len(pics), captions=len(texts))
     if quantize_text:
         quantize_int8(tmp / text_file, tmp / f"text.{quantize_text}.onnx")
-        os.replace(tmp / f"text.{quantize_text}.onnx", tmp / text_file)
+        os.replace(tmp / f"text.{quantize_text}.onnx", tmp / text_file)  # inside the atomic folder
         manifest["text"]["quantized"] = quantize_text
         _write_manifest(tmp, manifest)
         int8 = ExportedModel(tmp)

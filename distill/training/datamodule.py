@@ -68,9 +68,8 @@ class DistillDataModule(pl.LightningDataModule):
         self.dataset.prepare()  # a no-op once `prepare_data` has run on this node
 
     def rank_and_world(self) -> tuple[int, int]:
-        """(global rank, world size): the trainer's, else `distill.distributed`'s answer."""
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
+        """(global rank, world size), as `distill.distributed` answers it (the process group
+        Lightning has set up by the time loaders are made, else the launcher's environment)."""
         return rank(), launch_world()
 
     def steps_per_epoch(self) -> int | None:

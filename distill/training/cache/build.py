@@ -11,7 +11,6 @@ chunk by chunk so the merge never holds the whole cache in memory.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 from distill.config.schema import Config
 from distill.data.base import CaptionDataset, Part, open_dataset
 from distill.data.loading import Collator
-from distill.distributed import barrier, join_launch_group
+from distill.distributed import barrier, join_launch_group, local_rank
 from distill.errors import ConfigError
 from distill.io import atomic_path, write_json
 from distill.models.base import Encoder
@@ -143,7 +142,7 @@ def fill_cache(config: Config, *, device: str = "cpu", batch_size: int | None = 
     """
     rank, world = join_launch_group()
     if device == "cuda" and world > 1:  # one GPU per process, as torchrun numbers them
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        device = f"cuda:{local_rank()}"
     plan = cache_plan(config)
     if not plan:
         raise ConfigError("edges: no enabled edge reads an image or text node of a frozen model: nothing to cache")

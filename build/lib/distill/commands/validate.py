@@ -1,0 +1,49 @@
+"""`distill validate CONFIG`: check a config (every problem at once) and print its graph."""
+
+from __future__ import annotations
+
+import argparse
+
+from distill.commands._args import config_arguments
+from distill.config.schema import Config
+from distill.core.build import models_to_load
+from distill.core.check import load_checked, model_nodes
+from distill.core.graph import split_node
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    config_arguments(p)
+    p.set_defaults(fn=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    print(describe(load_checked(args.config, args.overrides)))
+    print("config OK")
+    return 0
+
+
+def describe(config: Config) -> str:
+    """Models (which will run), nodes with widths, enabled and disabled edges."""
+    nodes = model_nodes(config, [])
+    loaded = set(models_to_load(config))
+    running = {split_node(n)[0] for e in config.edges.values() if e.enabled for n in e.inputs}
+    lines = [f"experiment {config.name!r} -> {config.output_dir}", "models:"]
+    for name, m in config.models.items():
+        role = "frozen teacher" if m.frozen else "trainable"
+        state = "runs in training" if name in running else ("loaded for eval only" if name in loaded else "not loaded")
+        lines.append(f"  {name:<12} {m.type:<14} {role:<15} {state}")
+    lines.append("nodes:")
+    for node, dim in nodes.items():
+        lines.append(f"  {node:<20} dim {dim}")
+    for title, flag in (("enabled edges:", True), ("disabled edges:", False)):
+        chosen = [(n, e) for n, e in config.edges.items() if e.enabled is flag]
+        lines.append(title if chosen else f"{title} none")
+        for name, e in chosen:
+            note = "  (monitored: weight 0, no gradient)" if flag and e.weight == 0 else ""
+            lines.append(f"  {name:<14} {e.loss:<15} w={e.weight:<6g} {' , '.join(e.inputs)}{note}")
+    if config.stages:  # a staged run enables each stage's edges in turn (distill.training.stages)
+        lines.append("stages (each enables only its own edges):")
+        for i, st in enumerate(config.stages):
+            steps = st.max_steps or config.trainer.max_steps
+            lines.append(f"  {i} {st.name:<12} {steps:>6} steps  edges {', '.join(st.edges)}; trains {', '.join(st.train)}")
+    return "\n".join(lines)

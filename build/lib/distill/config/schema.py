@@ -1,0 +1,145 @@
+"""The typed configuration schema: one dataclass per section of an experiment YAML.
+
+Merged with `OmegaConf.structured` in struct mode (`distill.config.load`), so an unknown
+key fails with its dotted path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """One model of the graph: a registered `type`, its constructor `args` and an optional
+    `init` that copies weights from another model (see `distill.models.inherit`)."""
+
+    type: str = MISSING
+    frozen: bool = False
+    precision: str = "fp32"
+    args: dict[str, Any] = field(default_factory=dict)
+    init: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EdgeConfig:
+    """One edge: a registered loss, its input nodes in the loss's slot order, a weight."""
+
+    loss: str = MISSING
+    inputs: list[str] = MISSING
+    weight: float = 1.0
+    enabled: bool = True
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Which registered dataset to read and how to batch it."""
+
+    dataset: str = "synthetic"
+    args: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    num_workers: int = 2
+    shuffle_buffer: int = 2000
+    captions_per_image: str = "all"
+    seed: int = 0
+    steps_per_epoch: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to `min_lr_ratio * lr`."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    """The subset of `lightning.Trainer` settings that distill exposes."""
+
+    max_steps: int = 1000
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = 1.0
+    log_every_n_steps: int = 10
+    val_check_interval: int | None = None
+    limit_val_batches: float = 1.0
+    checkpoint_every_n_steps: int = 200
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Which model's image and text nodes the retrieval evaluation embeds."""
+
+    model: str = "student"
+    split: str = "val"
+    chunk_size: int = 1024
+
+
+@dataclass
+class StageConfig:
+    """One training stage of a staged run (see `distill.training.stages`).
+
+    `edges` are the edges enabled in the stage (every other edge is off); `train` are
+    fnmatch patterns over the graph's parameter names (`models.student.image_*`,
+    `losses.*`) of the parameters that train, every other parameter stays fixed.
+    `max_steps` and `lr` default to `trainer.max_steps` and `optim.lr`. `init_from` is an
+    earlier stage's name, a `.ckpt` path or `config` (the models as built); by default
+    the previous stage's final checkpoint. `build_index` names a model that (re)builds the
+    index file of every enabled `hard_negative` edge before the stage trains.
+    """
+
+    name: str = MISSING
+    edges: list[str] = MISSING
+    train: list[str] = field(default_factory=lambda: ["*"])
+    max_steps: int | None = None
+    lr: float | None = None
+    init_from: str | None = None
+    build_index: str | None = None
+
+
+@dataclass
+class CacheConfig:
+    """Where teacher outputs are cached (`distill cache`) and whether `fit` reads them.
+
+    `mode`: `auto` reads a cache whose fingerprint matches and runs the teacher otherwise;
+    `require` refuses to train without a matching cache; `never` ignores caches (not `off`,
+    which YAML reads as false).
+    """
+
+    dir: str = "runs/cache"
+    mode: str = "auto"
+
+
+@dataclass
+class Config:
+    """The whole experiment."""
+
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs/${name}"
+    resume: str | None = None
+    plugins: list[str] = field(default_factory=list)
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    edges: dict[str, EdgeConfig] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    save_pretrained: dict[str, str] = field(default_factory=dict)
+    stages: list[StageConfig] = field(default_factory=list)

@@ -1,0 +1,1 @@
+"""The graph: semantic config checks, building models and losses, the knowledge graph."""

@@ -1,0 +1,153 @@
+"""The knowledge-interaction graph: models are loaded once, nodes are their outputs, edges
+are registered losses between nodes. Pure torch (no Lightning).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from distill.batch import Batch
+from distill.distributed import batch_sizes, gather, world_size
+from distill.losses.base import EdgeContext, EdgeLoss
+from distill.models.base import Encoder
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Edge:
+    """A loss bound to nodes: `inputs` are node names in the loss's slot order."""
+
+    name: str
+    loss: EdgeLoss
+    inputs: list[str]
+    weight: float = 1.0
+    enabled: bool = True
+
+
+def split_node(node: str) -> tuple[str, str]:
+    """`"teacher.image"` -> `("teacher", "image")`."""
+    model, _, output = node.partition(".")
+    return model, output
+
+
+class KnowledgeGraph(nn.Module):
+    """Runs the nodes that the enabled edges need and sums the weighted edge losses.
+
+    Args:
+        models: Model name -> encoder. Frozen models run in eval mode under no_grad.
+        edges: The edges, enabled or not (disabled ones keep their parameters so that
+            checkpoints do not depend on which edges were switched on).
+        frozen: Names of the frozen (teacher) models.
+        cached: Node name -> a lookup from sample keys to that node's precomputed rows
+            (`distill.training.cache`); such nodes are read, not computed, and their model need not
+            be in `models`.
+    """
+
+    def __init__(
+        self,
+        models: dict[str, Encoder],
+        edges: Iterable[Edge],
+        frozen: Iterable[str] = (),
+        cached: Mapping[str, Callable[[list[str]], Tensor]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.models = nn.ModuleDict(models)
+        self.cached = dict(cached or {})
+        self.edges = {e.name: e for e in edges}
+        self.losses = nn.ModuleDict({name: e.loss for name, e in self.edges.items()})
+        self.frozen = set(frozen)
+        for name in self.frozen:
+            self.models[name].requires_grad_(False)
+        self.set_enabled({n: e.enabled for n, e in self.edges.items()})
+
+    def set_enabled(self, enabled: dict[str, bool]) -> None:
+        """Switch edges on or off; parameters of losses that are off stop training."""
+        for name, on in enabled.items():
+            self.edges[name].enabled = on
+            self.losses[name].requires_grad_(on)
+
+    def enabled_edges(self) -> list[Edge]:
+        """The edges that contribute to the loss, in config order."""
+        return [e for e in self.edges.values() if e.enabled]
+
+    def needed_nodes(self) -> list[str]:
+        """Nodes read by enabled edges, in first-use order."""
+        return list(dict.fromkeys(n for e in self.enabled_edges() for n in e.inputs))
+
+    def needed_models(self) -> list[str]:
+        """Models that run in a training step (a model whose needed nodes are all cached does not)."""
+        return list(dict.fromkeys(split_node(n)[0] for n in self.needed_nodes() if n not in self.cached))
+
+    def train(self, mode: bool = True) -> KnowledgeGraph:
+        """Train mode for students; frozen teachers always stay in eval mode."""
+        super().train(mode)
+        for name in self.frozen:
+            self.models[name].eval()
+        return self
+
+    def cast_frozen(self, precision: dict[str, str]) -> None:
+        """Store frozen models in a lower precision (`fp16` / `bf16`) to save memory."""
+        for name, p in precision.items():
+            if name in self.frozen and p != "fp32":
+                self.models[name].to(DTYPES[p])
+
+    def encode(self, node: str, batch: Batch) -> Tensor:
+        """Compute one node's output for a batch (teachers under no_grad), or read it from the cache."""
+        if node in self.cached:
+            return self.cached[node](batch.keys).to(batch.image_ids.device)
+        model_name, output = split_node(node)
+        model = self.models[model_name]
+        inputs = batch.inputs[model_name]
+        frozen = model_name in self.frozen
+        if frozen:
+            dtype = next(model.parameters(), torch.empty(0)).dtype
+            inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        with torch.no_grad() if frozen else nullcontext():
+            out = model.encode(output, inputs)
+        # a pair output (a cross-encoder's scorer over candidate pairs) is not a tensor
+        return out.float() if frozen and isinstance(out, Tensor) else out
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        """Total loss under `"loss"` and each enabled edge's unweighted value under `"edge/<name>"`.
+
+        Losses that declare `global_batch` see every rank's rows (see `distill.distributed`);
+        the others see local rows, scaled by W * B_local / B_global so that DDP's gradient
+        averaging yields the gradient of the global mean.
+        """
+        edges = self.enabled_edges()
+        local: dict[str, Tensor] = {}
+        for node in self.needed_nodes():
+            local[node] = self.encode(node, batch)
+        n_local = len(batch)
+        distributed = world_size() > 1
+        sizes = batch_sizes(n_local, batch.image_ids.device) if distributed else [n_local]
+        local_scale = world_size() * n_local / sum(sizes)
+        gathered: dict[str, Tensor] = {}
+
+        def global_node(node: str) -> Tensor:
+            if node not in gathered:
+                trainable = split_node(node)[0] not in self.frozen and node not in self.cached
+                gathered[node] = gather(local[node], sizes, with_grad=trainable)
+            return gathered[node]
+
+        global_ctx = EdgeContext(image_ids=gather(batch.image_ids, sizes, with_grad=False), keys=batch.keys)
+        local_ctx = EdgeContext(image_ids=batch.image_ids, keys=batch.keys)
+        out: dict[str, Tensor] = {}
+        total = torch.zeros((), device=batch.image_ids.device)
+        for edge in edges:
+            if edge.loss.global_batch:
+                value = edge.loss(*[global_node(n) for n in edge.inputs], ctx=global_ctx)
+                contribution = value
+            else:
+                value = edge.loss(*[local[n] for n in edge.inputs], ctx=local_ctx)
+                contribution = value * local_scale
+            total = total + edge.weight * contribution
+            out[f"edge/{edge.name}"] = value.detach()
+        out["loss"] = total
+        return out

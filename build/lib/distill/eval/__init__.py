@@ -1,0 +1,1 @@
+"""Evaluation: retrieval recall, model efficiency and the comparison report."""

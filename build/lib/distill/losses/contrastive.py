@@ -1,0 +1,102 @@
+"""Contrastive losses: InfoNCE and the VSE++ hardest-negative triplet loss."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from distill.losses.base import (
+    ArgumentError,
+    EdgeContext,
+    EdgeLoss,
+    as_float,
+    check_temperature,
+    cross_entropy_soft,
+    positive_mask,
+    soft_targets,
+)
+from distill.registry import LOSSES
+
+
+@LOSSES.register("infonce")
+class InfoNCE(EdgeLoss):
+    """Symmetric InfoNCE between two sets of embeddings (CLIP, Radford et al. 2021).
+
+    L = 1/2 [CE(S(a, b) / tau) + CE(S(b, a) / tau)],  S(x, y) = x y^T,
+
+    where the targets of row i are uniform over every row j with the same image id, so
+    two captions of one image are never negatives of each other. `tau` is fixed, or
+    learnable as CLIP's logit scale 1/tau (initialised at 1/temperature, clamped at
+    `max_logit_scale`). When `a` and `b` differ in width, `a` is linearly projected to
+    `b`'s width. Serves the task edge (SI-ST), cross-modal teacher-student edges (SI-TT,
+    ST-TI) and intra-modal contrastive distillation (SI-TI; Ren and Zhu, NAACL 2022).
+    """
+
+    inputs = ("a", "b")
+    same_dim = (("a", "b"),)
+    projectable = True
+    global_batch = True
+
+    def __init__(
+        self, *, temperature: float = 0.07, learnable: bool = False, max_logit_scale: float = 100.0
+    ) -> None:
+        super().__init__()
+        check_temperature(temperature, "temperature")
+        if not (max_logit_scale > 0 and math.isfinite(max_logit_scale)):
+            raise ArgumentError("max_logit_scale", f"max_logit_scale must be a finite number > 0, got {max_logit_scale}")
+        if 1.0 / temperature > max_logit_scale:  # scale() would silently clamp it to the cap
+            raise ArgumentError(
+                "temperature",
+                f"temperature {temperature:g} is below 1/max_logit_scale = {1.0 / max_logit_scale:g}, where the "
+                "logit scale is clamped; raise the temperature or max_logit_scale",
+            )
+        self.max_logit_scale = max_logit_scale
+        log_scale = torch.tensor(math.log(1.0 / temperature))
+        if learnable:
+            self.logit_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("logit_scale", log_scale)
+
+    def scale(self) -> Tensor:
+        """The current 1/tau. A learnable scale is clamped in place at `max_logit_scale` (as
+        CLIP does after each step), so it keeps a gradient and can come back down."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(max=math.log(self.max_logit_scale))
+        return self.logit_scale.exp()
+
+    def forward(self, a: Tensor, b: Tensor, *, ctx: EdgeContext) -> Tensor:
+        a, b = as_float(self.project(a)), as_float(b)
+        logits = self.scale() * a @ b.t()
+        targets = soft_targets(ctx.image_ids)
+        return 0.5 * (cross_entropy_soft(logits, targets) + cross_entropy_soft(logits.t(), targets))
+
+
+@LOSSES.register("triplet")
+class Triplet(EdgeLoss):
+    """Hinge triplet loss with the hardest in-batch negative (VSE++, Faghri et al. 2018).
+
+    For each pair i: L_i = [m - s_ii + max_{j not pos(i)} s_ij]_+ + [m - s_ii + max_{j not pos(i)} s_ji]_+
+    with s = S(a, b); the mean over i. With `hardest: false` the max becomes a sum over all
+    negatives (the VSE0 form). VLDeformer's optional term (margin 1.0 in its public code).
+    """
+
+    inputs = ("a", "b")
+    same_dim = (("a", "b"),)
+    global_batch = True
+
+    def __init__(self, *, margin: float = 0.2, hardest: bool = True) -> None:
+        super().__init__()
+        self.margin = margin
+        self.hardest = hardest
+
+    def forward(self, a: Tensor, b: Tensor, *, ctx: EdgeContext) -> Tensor:
+        s = as_float(a) @ as_float(b).t()
+        pos = s.diagonal()
+        neg = ~positive_mask(ctx.image_ids)
+        cost_ab = (self.margin - pos[:, None] + s).clamp_min(0) * neg
+        cost_ba = (self.margin - pos[None, :] + s).clamp_min(0) * neg
+        if self.hardest:
+            return (cost_ab.max(1).values + cost_ba.max(0).values).mean()
+        return (cost_ab.sum(1) + cost_ba.sum(0)).mean()

@@ -1,0 +1,124 @@
+"""What every model (teacher or student) provides to the graph and to the data pipeline.
+
+A model is registered in `MODELS` under a snake_case name. Its `__init__` takes typed
+keyword-only arguments (the YAML `models.<name>.args`), checked against the signature
+before anything loads. `describe(**args)` tells the output names and dimensions without
+loading weights, so that the config check can compare edge endpoints early.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from distill.batch import ModelInputs
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """How a model wants its images: resize the shorter side, centre crop, normalise."""
+
+    size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    deterministic: ClassVar[bool] = True
+    """False in a subclass that augments (random crops, flips): its model's outputs then
+    differ per epoch and `distill.training.cache.store` refuses to cache them."""
+
+    def key(self) -> tuple:
+        """Identity used to share one preprocessed tensor among models that agree."""
+        return ("image", self.size, tuple(self.mean), tuple(self.std))
+
+    def __call__(self, image: Any) -> Tensor:
+        """PIL image -> (3, size, size) float tensor."""
+        # torchvision: heavy, imported when preprocessing first runs
+        from torchvision.transforms import functional as F
+
+        image = image.convert("RGB")
+        image = F.resize(image, self.size, interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+        image = F.center_crop(image, [self.size, self.size])
+        return F.normalize(F.to_tensor(image), list(self.mean), list(self.std))
+
+
+@dataclass(frozen=True)
+class TextPreprocess:
+    """How a model wants its captions: a Hugging Face tokenizer and a maximum length."""
+
+    tokenizer: Any
+    max_length: int = 32
+    deterministic: ClassVar[bool] = True
+    """False in a subclass that augments captions (token dropout, paraphrases); see above."""
+
+    def key(self) -> tuple:
+        """Identity used to share one tokenisation among models that agree."""
+        name = getattr(self.tokenizer, "name_or_path", "") or type(self.tokenizer).__name__
+        return ("text", name, len(self.tokenizer), self.max_length)
+
+    def __call__(self, captions: list[str]) -> dict[str, Tensor]:
+        """Captions -> {"input_ids", "attention_mask"}, each (N, L) int64, padded to the longest."""
+        enc = self.tokenizer(
+            list(captions),
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+class Encoder(nn.Module):
+    """Base class of every model node provider.
+
+    Subclasses set `outputs` and implement `describe`, `encode` and the two preprocess
+    accessors. `encode` returns L2-normalised embeddings of shape (N, dim).
+    """
+
+    outputs: ClassVar[tuple[str, ...]] = ("image", "text")
+
+    @classmethod
+    def describe(cls, **args: Any) -> dict[str, int]:
+        """Output name -> embedding dimension, computed from the arguments without loading weights."""
+        raise NotImplementedError
+
+    def image_preprocess(self) -> ImagePreprocess | None:
+        """The image preprocessing this model needs, or None if it reads no images."""
+        return None
+
+    def text_preprocess(self) -> TextPreprocess | None:
+        """The text preprocessing this model needs, or None if it reads no text."""
+        return None
+
+    def encode(self, output: str, inputs: ModelInputs) -> Tensor:
+        """Compute one output (`image` or `text`) for a batch of this model's inputs."""
+        if output == "image":
+            return self.encode_image(inputs["pixel_values"])
+        if output == "text":
+            return self.encode_text(inputs["input_ids"], inputs["attention_mask"])
+        raise KeyError(f"{type(self).__name__} has no output {output!r}")
+
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        """(N, 3, H, W) -> (N, dim) L2-normalised."""
+        raise NotImplementedError
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(N, L) token ids and mask -> (N, dim) L2-normalised."""
+        raise NotImplementedError
+
+
+def masked_mean(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean of (N, L, D) token states over the positions where the mask is 1."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def l2norm(x: Tensor) -> Tensor:
+    """Unit-length rows (in float32 for stability, returned in the input dtype)."""
+    return torch.nn.functional.normalize(x.float(), dim=-1).to(x.dtype)

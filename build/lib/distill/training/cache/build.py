@@ -1,0 +1,177 @@
+"""Writing the teacher-output cache (see `distill.training.cache.store`): `fill_cache`
+behind `distill cache`, per-rank parts, then one merge.
+
+Each rank streams its share of the training images (split by rank, then by loader worker,
+as in training), encodes every image once and every caption, and appends fp16 rows to
+`parts/<output>.rank<r>.f16` with the keys in `parts/<output>.rank<r>.json`. Rank 0 then
+sorts all keys and writes `<output>.npy` / `<output>.keys.npy` in that order, gathering rows
+chunk by chunk so the merge never holds the whole cache in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm.auto import tqdm
+
+from distill.config.schema import Config
+from distill.data.base import CaptionDataset, Part, open_dataset
+from distill.data.loading import Collator
+from distill.distributed import barrier, join_launch_group
+from distill.errors import ConfigError
+from distill.io import atomic_path, write_json
+from distill.models.base import Encoder
+from distill.training.cache.store import cache_plan, entries, fingerprint, load_frozen
+
+MERGE_ROWS = 65536
+
+
+class ImageStream(IterableDataset):
+    """(image keys, image inputs, sample keys, text inputs) of one rank's training images,
+    in stored order, each worker a disjoint share."""
+
+    def __init__(self, dataset: CaptionDataset, collator: Collator, batch_size: int, rank: int, world: int) -> None:
+        self.dataset, self.collator, self.batch_size = dataset, collator, batch_size
+        self.rank, self.world = rank, world
+
+    def __iter__(self) -> Iterator[tuple[list[str], dict, list[str], dict]]:
+        info = get_worker_info()
+        part = Part(self.rank, self.world, info.id if info else 0, info.num_workers if info else 1)
+        items = self.dataset.images("train", part=part, seed=None, epoch=0, skipped=Counter())
+        for chunk in wds.batched(self.batch_size, collation_fn=list, partial=True)(items):
+            captions = [(f"{key}/{i}", c) for key, _, _, caps in chunk for i, c in enumerate(caps)]
+            yield (
+                [key for key, _, _, _ in chunk],
+                self.collator.images([image for _, _, image, _ in chunk]),
+                [k for k, _ in captions],
+                self.collator.texts([c for _, c in captions]),
+            )
+
+
+def encode_part(
+    config: Config, model: Encoder, outputs: list[str], parts: Path, *, rank: int, world: int,
+    batch_size: int | None = None,
+) -> None:
+    """Encode this rank's share of the training split into `parts/` (fp16 rows + keys)."""
+    dataset = open_dataset(config.data.dataset, config.data.args)
+    dataset.prepare()  # generates the embedded data once (locked), a no-op for files
+    parts.mkdir(parents=True, exist_ok=True)
+    pre = {"m": (model.image_preprocess() if "image" in outputs else None,
+                 model.text_preprocess() if "text" in outputs else None)}
+    stream = ImageStream(dataset, Collator(pre), batch_size or config.data.eval_batch_size, rank, world)
+    loader = DataLoader(stream, batch_size=None, num_workers=config.data.num_workers)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    files = {o: open(parts / f"{o}.rank{rank}.f16", "wb") for o in outputs}
+    keys: dict[str, list[str]] = {o: [] for o in outputs}
+    try:
+        with torch.no_grad():
+            shown = tqdm(loader, desc="teacher outputs", unit="batch", disable=rank > 0 or not sys.stderr.isatty())
+            for image_keys, images, sample_keys, texts in shown:
+                for output in outputs:
+                    inputs = (images if output == "image" else texts)["m"]
+                    inputs = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+                    rows = model.encode(output, inputs).float().cpu().numpy().astype(np.float16)
+                    files[output].write(rows.tobytes())
+                    keys[output].extend(image_keys if output == "image" else sample_keys)
+    finally:
+        for f in files.values():
+            f.close()
+    for output in outputs:
+        write_json(parts / f"{output}.rank{rank}.json", keys[output])
+
+
+def merge_parts(parts: Path, outputs: list[str], world: int, folder: Path) -> dict[str, dict[str, Any]]:
+    """Merge every rank's part into sorted `<output>.npy` + `<output>.keys.npy` under `folder`.
+
+    Returns:
+        Output -> {"rows": N, "dim": D}.
+
+    Raises:
+        ValueError: If a key occurs twice (two samples of the split share a key).
+    """
+    shapes = {}
+    for output in outputs:
+        names = [json.loads((parts / f"{output}.rank{r}.json").read_text()) for r in range(world)]
+        raw = [np.fromfile(parts / f"{output}.rank{r}.f16", dtype=np.float16) for r in range(world)]
+        n = sum(len(k) for k in names)
+        dim = next((len(v) // len(k) for k, v in zip(names, raw) if len(k)), 0)
+        rows = [v.reshape(len(k), dim) for k, v in zip(names, raw)]
+        keys = np.array([k.encode() for ks in names for k in ks])
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+        if n > 1 and (keys[1:] == keys[:-1]).any():
+            raise ValueError(f"{output}: duplicate sample key {keys[1:][keys[1:] == keys[:-1]][0]!r} in the training split")
+        offsets = np.cumsum([0, *[len(k) for k in names]])
+        with atomic_path(folder / f"{output}.npy") as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
+            for start in range(0, n, MERGE_ROWS):
+                idx = order[start : start + MERGE_ROWS]
+                part = np.searchsorted(offsets[1:], idx, side="right")
+                for p in np.unique(part):
+                    sel = part == p
+                    out[start + np.flatnonzero(sel)] = rows[p][idx[sel] - offsets[p]]
+            out.flush()
+            del out
+        with atomic_path(folder / f"{output}.keys.npy") as tmp:
+            np.save(tmp, keys)
+        shapes[output] = {"rows": int(n), "dim": int(dim)}
+    return shapes
+
+
+def fill_cache(config: Config, *, device: str = "cpu", batch_size: int | None = None) -> dict[str, Path]:
+    """`distill cache`: compute and store every needed teacher node that has no entry yet.
+
+    Under torchrun (WORLD_SIZE > 1) every rank encodes its share (`device="cuda"` means
+    the rank's own GPU, `cuda:LOCAL_RANK`); rank 0 merges.
+
+    Returns:
+        Model name -> its cache entry.
+    """
+    rank, world = join_launch_group()
+    if device == "cuda" and world > 1:  # one GPU per process, as torchrun numbers them
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    plan = cache_plan(config)
+    if not plan:
+        raise ConfigError("edges: no enabled edge reads an image or text node of a frozen model: nothing to cache")
+    done: dict[str, Path] = {}
+    for name, outputs in plan.items():
+        model = load_frozen(config, name)
+        fp = fingerprint(config, name, model)
+        folder = Path(config.cache.dir).expanduser() / fp.digest()[:20]
+        meta = entries(config.cache.dir).get(folder, {})
+        todo = [o for o in outputs if o not in meta.get("outputs", {})]
+        if todo:
+            start = time.perf_counter()
+            parts = folder / "parts"
+            encode_part(config, model.to(device), todo, parts, rank=rank, world=world, batch_size=batch_size)
+            barrier()
+            if rank == 0:
+                shapes = merge_parts(parts, todo, world, folder)
+                spec = config.models[name]
+                meta = {
+                    "fingerprint": fp.digest(), "parts": asdict(fp),
+                    "model": {"name": name, "type": spec.type, "args": dict(spec.args), "precision": spec.precision},
+                    "dataset": {"name": config.data.dataset, "args": dict(config.data.args)},
+                    "outputs": {**meta.get("outputs", {}), **shapes}, "dtype": "float16",
+                    "seconds": round(time.perf_counter() - start, 2),
+                }
+                write_json(folder / "meta.json", meta, default=str)  # last: the entry is complete
+                shutil.rmtree(parts, ignore_errors=True)
+            barrier()
+        done[name] = folder
+        del model
+    return done

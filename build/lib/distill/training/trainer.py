@@ -1,0 +1,125 @@
+"""The Lightning trainer of a run: strategy, callbacks, logging, atomic checkpoints, resume."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.strategies import DDPStrategy
+
+from distill.config.schema import Config
+from distill.core.graph import split_node
+from distill.errors import ConfigError
+from distill.io import atomic_path
+from distill.training.datamodule import DistillDataModule
+from distill.training.module import DistillModule
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written through `distill.io.atomic_path`: a killed run never leaves a
+    truncated `.ckpt` behind."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+def make_strategy(name: str) -> Any:
+    """`ddp` tolerates parameters an edge subset leaves unused (e.g. a text tower no edge reads)."""
+    if name == "ddp":
+        return DDPStrategy(find_unused_parameters=True)
+    return name
+
+
+def quiet_lightning() -> None:
+    """Keep the console for progress and results: Lightning's banners and two warnings
+    that are expected here (frozen teachers are in eval mode on purpose)."""
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    # val/ retrieval metrics are computed over every rank's embeddings already (RetrievalRecall)
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
+
+
+def metrics_csv(out: str | Path) -> Path:
+    """The metrics file of the latest run (or resumption) in a run folder."""
+    versions = sorted((Path(out) / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
+    if not versions:
+        raise FileNotFoundError(f"no metrics.csv under {Path(out) / 'logs'}")
+    return versions[-1]
+
+
+def resume_path(config: Config, out: Path) -> str | None:
+    """`resume: last` -> the run's newest checkpoint, if any: `checkpoints/last.ckpt` or the
+    one Lightning writes when SLURM signals a requeue (`hpc_ckpt_N.ckpt`); a path -> that file."""
+    if not config.resume:
+        return None
+    if config.resume == "last":
+        found = [p for p in [out / "checkpoints" / "last.ckpt", *out.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+    if not Path(config.resume).is_file():
+        raise ConfigError(f"resume: no such checkpoint {config.resume!r}")
+    return config.resume
+
+
+def make_datamodule(config: Config, module: DistillModule) -> pl.LightningDataModule:
+    """The data module fed with each running model's own preprocessing, for the outputs it
+    computes: none for a model the teacher-output cache serves entirely."""
+    graph = module.graph
+    live: dict[str, set[str]] = {}
+    for node in graph.needed_nodes():
+        if node not in graph.cached:
+            live.setdefault(split_node(node)[0], set()).add(split_node(node)[1])
+    pre = {
+        n: (graph.models[n].image_preprocess() if outs - {"text"} else None,  # a pair node reads both
+            graph.models[n].text_preprocess() if outs - {"image"} else None)
+        for n, outs in live.items()
+    }
+    ev = graph.models[config.eval.model]
+    return DistillDataModule(config.data, pre, {config.eval.model: (ev.image_preprocess(), ev.text_preprocess())})
+
+
+def make_trainer(config: Config, out: Path, callbacks: Sequence[pl.Callback] = (), **overrides: Any) -> pl.Trainer:
+    """A Trainer built from `config.trainer`, logging CSV metrics into the run folder;
+    `callbacks` run besides the checkpointing."""
+    t = config.trainer
+    checkpoint = ModelCheckpoint(
+        dirpath=out / "checkpoints",
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=t.checkpoint_every_n_steps,
+        save_on_train_epoch_end=False,
+    )
+    kwargs: dict[str, Any] = dict(
+        max_steps=t.max_steps,
+        max_epochs=-1,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=make_strategy(t.strategy),
+        precision=t.precision,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        log_every_n_steps=t.log_every_n_steps,
+        check_val_every_n_epoch=None,
+        val_check_interval=t.val_check_interval or t.max_steps,
+        limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=0,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        logger=CSVLogger(str(out), name="logs"),  # logs/version_N: a resumed run never overwrites
+        callbacks=[checkpoint, *callbacks],
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(out),
+    )
+    kwargs.update(overrides)
+    return pl.Trainer(**kwargs)
