@@ -1,1 +1,0 @@
-"""The `distill` command line: `cli.py` dispatches, one module per command."""

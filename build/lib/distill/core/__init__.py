@@ -1,1 +1,0 @@
-"""The graph: semantic config checks, building models and losses, the knowledge graph."""

@@ -1,6 +1,0 @@
-"""Datasets; `DATASETS` imports every module here on first lookup ("webdataset", "karpathy",
-"synthetic"). Pure torch and webdataset: the Lightning data module is in `distill.training`."""
-
-from distill.data.base import CaptionDataset, EvalImage, Part, Sample, split_items
-
-__all__ = ["CaptionDataset", "EvalImage", "Part", "Sample", "split_items"]

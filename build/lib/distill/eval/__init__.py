@@ -1,1 +1,0 @@
-"""Evaluation: retrieval recall, model efficiency and the comparison report."""

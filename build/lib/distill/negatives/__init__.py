@@ -1,1 +1,0 @@
-"""Mined hard negatives (Leaner-and-Faster's L_HN): the negatives file, mining, refresh."""
