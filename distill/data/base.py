@@ -123,6 +123,22 @@ class CaptionDataset:
         """Whether `split` ("train", "val" or "test") has data."""
         raise NotImplementedError
 
+    def content_signature(self, split: str = "train") -> dict[str, str]:
+        """A cheap signature of every data file `split` reads: file (shard, JSON, image folder) -> signature.
+
+        Part of the fingerprint of cached teacher outputs (`distill.training.cache`), which
+        compares it file by file, so a cache built before a file changed is a miss naming
+        that file. Readers sign a file by its size and modification time (`os.stat`, no
+        reading: O(files), microseconds per file) rather than by hashing its bytes, which
+        would read the whole dataset (hundreds of GB) before every run. An edit that keeps
+        both size and mtime (a restore with `rsync -t`, `touch -d`) goes unnoticed; a copy
+        that does not keep mtimes (`cp` without `-p`) is a miss although the bytes are the same.
+
+        The base class signs nothing (data without files): only the dataset's name, args and
+        `version` then tell caches apart.
+        """
+        return {}
+
     def train_size(self, captions_per_image: str) -> int | None:
         """Training samples in one pass (pairs under "all", images under "random"), if known."""
         return None

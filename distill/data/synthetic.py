@@ -269,6 +269,13 @@ class SyntheticShapes(CaptionDataset):
     def has_split(self, split: str) -> bool:
         return self.sizes[SPLITS.index(split)] > 0
 
+    def content_signature(self, split: str = "train") -> dict[str, str]:
+        """The signature of the generated files the reader reads (its shards, or the JSON and
+        the image folder), as `WebDatasetShards` / `KarpathySplits` sign them: size and
+        mtime, so a regenerated set (new mtimes) is a new signature even when its bytes
+        are the same, and files not generated yet sign as "missing"."""
+        return self.reader().content_signature(split)
+
     def train_size(self, captions_per_image: str) -> int | None:
         return self.sizes[0] * (CAPTIONS_PER_IMAGE if captions_per_image == "all" else 1)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -69,6 +70,15 @@ def check_urls(pattern: str | None, where: str) -> list[str]:
     return [
         f"{where}: {len(missing)} of {len(urls)} files of {pattern} are missing (missing {shown})"
     ]
+
+
+def file_signature(path: str | os.PathLike[str]) -> str:
+    """`"<size>:<mtime_ns>"` of a file from one `os.stat` (its bytes are not read), or "missing"."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _handler(url: str, skipped: Counter) -> Callable[[Exception], bool]:
@@ -159,6 +169,18 @@ class WebDatasetShards(CaptionDataset):
 
     def train_size(self, captions_per_image: str) -> int | None:
         return self.num_samples
+
+    def content_signature(self, split: str = "train") -> dict[str, str]:
+        """Shard URL -> `file_signature` (size and mtime: one stat per shard, no reading).
+
+        A remote shard (`http:`, `pipe:`, `s3:`...) is signed "remote": its content cannot
+        be known without fetching it, so only its URL (in the args) tells caches apart.
+        """
+        try:
+            urls = expand_urls(self.patterns[split] or "")
+        except Exception:  # braceexpand raises on unbalanced braces (`check` reports it)
+            return {}
+        return {url: "remote" if (p := local_path(url)) is None else file_signature(p) for url in urls}
 
     def images(
         self, split: str, *, part: Part, seed: int | None, epoch: int, skipped: Counter

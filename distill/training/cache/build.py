@@ -3,9 +3,17 @@ behind `distill cache`, per-rank parts, then one merge.
 
 Each rank streams its share of the training images (split by rank, then by loader worker,
 as in training), encodes every image once and every caption, and appends fp16 rows to
-`parts/<output>.rank<r>.f16` with the keys in `parts/<output>.rank<r>.json`. Rank 0 then
-sorts all keys and writes `<output>.npy` / `<output>.keys.npy` in that order, gathering rows
-chunk by chunk so the merge never holds the whole cache in memory.
+`parts/<output>.rank<r>.f16` with the keys in `parts/<output>.rank<r>.json`; a non-finite
+row (an fp16 overflow, a broken teacher) is refused, so any NaN read later is damage. Rank
+0 then sorts all keys and writes `<output>.npy` / `<output>.keys.npy` in that order,
+gathering rows chunk by chunk so the merge never holds the whole cache in memory, and
+records each file's size and sha256 in `meta.json` (one more read of the files just
+written, from the page cache: about 1 s per GB).
+
+An entry whose fingerprint matches is complete unless an output is missing or fails
+`check_entry` (then only those are rebuilt); `force=True` (`distill cache --force`)
+rebuilds every output of the entry. Data or weights that changed give another fingerprint,
+hence another folder, and the old entry never matches again.
 """
 
 from __future__ import annotations
@@ -16,12 +24,12 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
@@ -33,7 +41,14 @@ from distill.distributed import barrier, join_launch_group, local_rank
 from distill.errors import ConfigError
 from distill.io import atomic_path, write_json
 from distill.models.base import Encoder
-from distill.training.cache.store import cache_plan, entries, fingerprint, load_frozen
+from distill.training.cache.fingerprint import (
+    CACHEABLE,
+    cache_plan,
+    data_files,
+    fingerprint,
+    load_frozen,
+)
+from distill.training.cache.store import array_record, check_entry, entries
 
 MERGE_ROWS = 65536
 
@@ -62,9 +77,13 @@ class ImageStream(IterableDataset):
 
 def encode_part(
     config: Config, model: Encoder, outputs: list[str], parts: Path, *, rank: int, world: int,
-    batch_size: int | None = None,
+    batch_size: int | None = None, name: str = "teacher",
 ) -> None:
-    """Encode this rank's share of the training split into `parts/` (fp16 rows + keys)."""
+    """Encode this rank's share of the training split into `parts/` (fp16 rows + keys).
+
+    Raises:
+        ConfigError: If the model (`models.<name>`) gives a row that is not finite in fp16.
+    """
     dataset = open_dataset(config.data.dataset, config.data.args)
     dataset.prepare()  # generates the embedded data once (locked), a no-op for files
     parts.mkdir(parents=True, exist_ok=True)
@@ -83,9 +102,17 @@ def encode_part(
                 for output in outputs:
                     inputs = (images if output == "image" else texts)["m"]
                     inputs = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
-                    rows = model.encode(output, inputs).float().cpu().numpy().astype(np.float16)
+                    with np.errstate(over="ignore"):  # an overflow is refused just below, with its key
+                        rows = model.encode(output, inputs).float().cpu().numpy().astype(np.float16)
+                    batch_keys = image_keys if output == "image" else sample_keys
+                    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+                    if len(bad):  # never stored, so that a non-finite value read later is damage
+                        raise ConfigError(
+                            f"models.{name}: its {output} output for {batch_keys[bad[0]]!r} is not finite in fp16 "
+                            "(NaN, or beyond 65504): it cannot be cached; set cache.mode=never"
+                        )
                     files[output].write(rows.tobytes())
-                    keys[output].extend(image_keys if output == "image" else sample_keys)
+                    keys[output].extend(batch_keys)
     finally:
         for f in files.values():
             f.close()
@@ -131,11 +158,36 @@ def merge_parts(parts: Path, outputs: list[str], world: int, folder: Path) -> di
     return shapes
 
 
-def fill_cache(config: Config, *, device: str = "cpu", batch_size: int | None = None) -> dict[str, Path]:
-    """`distill cache`: compute and store every needed teacher node that has no entry yet.
+def same_on_every_rank(value: str, what: str) -> None:
+    """Raise on every rank (no hang) unless every rank of the group computed this `value`.
+
+    Raises:
+        ConfigError: If the ranks disagree, e.g. node-local copies of the data whose mtimes differ.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    if len(set(values)) > 1:
+        raise ConfigError(
+            f"{what}: the ranks see different fingerprints ({len(set(values))} kinds): every rank must read "
+            "the same teacher and data files (node-local copies must keep sizes and mtimes: rsync -a, cp -p)"
+        )
+
+
+def fill_cache(
+    config: Config, *, device: str = "cpu", batch_size: int | None = None, force: bool = False
+) -> dict[str, Path]:
+    """`distill cache`: compute and store every needed teacher node that has no intact entry yet.
 
     Under torchrun (WORLD_SIZE > 1) every rank encodes its share (`device="cuda"` means
     the rank's own GPU, `cuda:LOCAL_RANK`); rank 0 merges.
+
+    Args:
+        config: The experiment.
+        device: Where the teachers run.
+        batch_size: Images per batch (default `data.eval_batch_size`).
+        force: Rebuild every output of a matching entry, even an intact one.
 
     Returns:
         Model name -> its cache entry.
@@ -146,26 +198,40 @@ def fill_cache(config: Config, *, device: str = "cpu", batch_size: int | None = 
     plan = cache_plan(config)
     if not plan:
         raise ConfigError("edges: no enabled edge reads an image or text node of a frozen model: nothing to cache")
+    open_dataset(config.data.dataset, config.data.args).prepare()  # the files exist before they are signed
+    files = data_files(config)
     done: dict[str, Path] = {}
     for name, outputs in plan.items():
         model = load_frozen(config, name)
-        fp = fingerprint(config, name, model)
+        fp = fingerprint(config, name, model, files)
+        same_on_every_rank(fp.digest(), f"models.{name}")
         folder = Path(config.cache.dir).expanduser() / fp.digest()[:20]
         meta = entries(config.cache.dir).get(folder, {})
-        todo = [o for o in outputs if o not in meta.get("outputs", {})]
+        held = [o for o in meta.get("outputs", {}) if o in CACHEABLE]
+        if force:
+            todo = list(dict.fromkeys([*outputs, *held]))
+        else:
+            todo = [o for o in outputs if o not in held or check_entry(folder, meta, [o])]
         if todo:
             start = time.perf_counter()
+            barrier()  # every rank has read meta.json
+            if rank == 0 and set(todo) & set(held):  # rewriting arrays it lists: incomplete until rewritten
+                (folder / "meta.json").unlink(missing_ok=True)
             parts = folder / "parts"
-            encode_part(config, model.to(device), todo, parts, rank=rank, world=world, batch_size=batch_size)
+            encode_part(config, model.to(device), todo, parts, rank=rank, world=world, batch_size=batch_size, name=name)
             barrier()
             if rank == 0:
                 shapes = merge_parts(parts, todo, world, folder)
+                kept = [o for o in held if o not in todo]
+                arrays = {k: v for o in kept for k, v in meta.get("arrays", {}).items() if k.startswith(f"{o}.")}
+                unsigned = [o for o in kept if f"{o}.npy" not in arrays]  # built by an older distill
                 spec = config.models[name]
                 meta = {
-                    "fingerprint": fp.digest(), "parts": asdict(fp),
+                    "fingerprint": fp.digest(), "parts": fp.parts(), "files": fp.files,
                     "model": {"name": name, "type": spec.type, "args": dict(spec.args), "precision": spec.precision},
                     "dataset": {"name": config.data.dataset, "args": dict(config.data.args)},
-                    "outputs": {**meta.get("outputs", {}), **shapes}, "dtype": "float16",
+                    "outputs": {**{o: meta["outputs"][o] for o in kept}, **shapes}, "dtype": "float16",
+                    "arrays": {**arrays, **array_record(folder, [*unsigned, *todo])},
                     "seconds": round(time.perf_counter() - start, 2),
                 }
                 write_json(folder / "meta.json", meta, default=str)  # last: the entry is complete
