@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
-from distill.config.load import config_from_raw, load_raw, parse_overrides
+from distill.config.load import apply_overrides, config_from_raw, load_raw
 from distill.config.schema import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +31,7 @@ def experiment(name: str, models: dict[str, dict[str, Any]], overrides: list[str
     raw = load_raw(ROOT / "experiments" / f"{name}.yaml")
     for model, spec in models.items():
         raw.models[model] = spec
-    return config_from_raw(OmegaConf.merge(raw, parse_overrides(overrides)))
+    return config_from_raw(apply_overrides(raw, overrides))
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:

@@ -43,11 +43,16 @@ def temporary_sibling(path: str | os.PathLike[str]) -> Path:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], *, keep: str | os.PathLike[str] | None = None) -> Iterator[Path]:
     """Yield a temporary file path to write; on success it replaces `path` atomically.
 
     For writers that take a path (`torch.save`, `numpy.save`, `savefig`, ONNX export). On
     an exception the temporary file is removed and `path` is left as it was.
+
+    Args:
+        path: The target.
+        keep: Where the file at `path` goes once the new one is complete (the previous
+            good checkpoint, say); a file already at `keep` is replaced.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,6 +60,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_path(tmp)
+        if keep is not None and path.is_file():
+            os.replace(path, keep)
         os.replace(tmp, path)
         _fsync_path(path.parent)
     finally:

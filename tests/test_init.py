@@ -128,7 +128,7 @@ edges:
     inputs: [student.image, student.text]
 data:
   dataset: synthetic
-  args: {{root: {data}}}
+  args: {{n_train: 48, n_val: 12, n_test: 12, image_size: 32, root: {data}}}
 """
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -39,12 +40,15 @@ def test_grid_and_explicit_variants(tiny_yaml: Path, tmp_path: Path) -> None:
           edges.si_st.args.temperature: [0.05, 0.1]
         """)
     configs = variant_configs(load_sweep(path))
-    assert list(configs) == ["full", "si_st,si_st.temperature=0.05", "si_st,si_st.temperature=0.1",
-                             "si_st+si_tt,si_st.temperature=0.05", "si_st+si_tt,si_st.temperature=0.1"]
-    last = configs["si_st+si_tt,si_st.temperature=0.1"]
+    assert [name for name, _ in configs] == ["full", "si_st,si_st.temperature=0.05", "si_st,si_st.temperature=0.1",
+                                             "si_st+si_tt,si_st.temperature=0.05", "si_st+si_tt,si_st.temperature=0.1"]
+    last = configs["si_st+si_tt,si_st.temperature=0.1", None]
     assert [n for n, e in last.edges.items() if e.enabled] == ["si_st", "si_tt"]
     assert last.edges["si_st"].args["temperature"] == 0.1
     assert last.output_dir == str(tmp_path / "sweep" / "si_st+si_tt,si_st.temperature=0.1") and last.resume == "last"
+    seeded = variant_configs(load_sweep(path), seeds=[3, 4])
+    assert len(seeded) == 10 and seeded["full", 4].seed == 4 and seeded["full", 4].data.seed == 4
+    assert seeded["full", 3].output_dir == str(tmp_path / "sweep" / "full" / "seed3")
 
 
 def test_bad_variants_are_one_line_errors(tiny_yaml: Path, tmp_path: Path) -> None:
@@ -81,18 +85,33 @@ def test_sweep_end_to_end_and_resumable(tiny_yaml: Path, tmp_path: Path, capsys:
           - {{name: full}}
           - {{name: task_only, edges: [si_st]}}
         """)
-    assert main(["sweep", str(path)]) == 0
+    assert main(["sweep", str(path), "--seeds", "0", "1"]) == 0
     for name in ("full", "task_only"):
-        assert (out / name / "final.ckpt").is_file() and (out / name / "eval_test.json").is_file()
+        for seed in (0, 1):
+            run = out / name / f"seed{seed}"
+            assert (run / "final.ckpt").is_file() and (run / "eval_test.json").is_file()
+            assert (run / "eval_test.ranks.npz").is_file()
     rows = [line for line in (out / "sweep.md").read_text().splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 2  # header + 2 variants
-    assert rows[1].startswith("| full | si_st, si_tt, st_ti_kl |") and rows[1].endswith("| ref |")
-    assert rows[2].startswith("| task_only | si_st |")
+    assert rows[1].startswith("| full | si_st, si_tt, st_ti_kl | 2 |") and rows[1].endswith("| ref |  |")
+    assert rows[2].startswith("| task_only | si_st | 2 |") and " ± " in rows[2] and "[" in rows[2]
     table = list(csv.DictReader(open(out / "sweep.csv")))
-    assert [r["variant"] for r in table] == ["full", "task_only"] and float(table[0]["delta_rsum"]) == 0.0
+    assert [(r["variant"], r["seed"]) for r in table] == [("full", "0"), ("full", "1"), ("task_only", "0"), ("task_only", "1")]
+    summary = json.loads((out / "sweep.json").read_text())
+    diff = summary[1]["vs_reference"]["rsum"]
+    assert diff["low"] <= diff["delta"] <= diff["high"]
+    mean = sum(float(r["rsum"]) for r in table[2:]) / 2 - sum(float(r["rsum"]) for r in table[:2]) / 2
+    assert diff["delta"] == pytest.approx(mean, abs=1e-9)  # the pooled point estimate is the mean difference
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     capsys.readouterr()
-    assert main(["sweep", str(path)]) == 0
-    assert capsys.readouterr().out.count("finished, skipped") == 2
-    assert not (out / "full" / "logs" / "version_1").exists()
+    assert main(["compare", str(out / "task_only"), str(out / "full"), "--output", str(tmp_path / "c.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "2 paired run(s) (seed0, seed1)" in printed and printed.count("[") >= 7
+    compared = json.loads((tmp_path / "c.json").read_text())
+    rsum = next(m for m in compared["metrics"] if m["metric"] == "rsum")
+    assert rsum["delta"] == pytest.approx(diff["delta"]) and rsum["low"] == pytest.approx(diff["low"])
+
+    assert main(["sweep", str(path), "--seeds", "0", "1"]) == 0
+    assert capsys.readouterr().out.count("finished, skipped") == 4
+    assert not (out / "full" / "seed0" / "logs" / "version_1").exists()

@@ -13,6 +13,7 @@ import importlib
 import sys
 
 from distill.errors import ConfigError
+from distill.trust import TRUST
 
 COMMANDS = {
     "fit": "train the students of a graph config (every stage of a staged one)",
@@ -25,7 +26,8 @@ COMMANDS = {
     "serve": "a local search page over an index",
     "export": "export a checkpoint's model to ONNX or TorchScript, checked for parity",
     "bench": "efficiency report: size, encode latency, memory, search latency vs index size",
-    "sweep": "fit and evaluate every variant of a sweep YAML; write the table",
+    "sweep": "fit and evaluate every variant of a sweep YAML (per seed); write the table",
+    "compare": "is A better than B? paired bootstrap interval and sign test over the test queries",
     "demo": "the main job: teacher, student alone, distilled student, report",
 }
 """Command -> help. Each command lives in `distill/commands/<command>.py`."""
@@ -34,6 +36,8 @@ COMMANDS = {
 def parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; with `command`, only that command's module is imported ("": none)."""
     ap = argparse.ArgumentParser(prog="distill", description="Cross-modal, multi-teacher knowledge distillation.")
+    ap.add_argument("--trust-checkpoint", action="store_true",
+                    help="load checkpoints whose stored config imports plugins or reads pipe: URLs (both run code)")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -47,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = parser(command if command in COMMANDS else "").parse_args(argv)  # "": no command module
+    TRUST.checkpoints = args.trust_checkpoint
     try:
         return args.fn(args)
     except ConfigError as e:

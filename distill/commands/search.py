@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from distill.commands._args import query_arguments
 from distill.deploy.search import contact_sheet, format_results, open_search, query, torch_threads
@@ -23,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"-k: must be at least 1, got {args.k}")
     with torch_threads(args.threads):
         index, embedder = open_search(args.index, model=args.model, faiss=args.faiss, device=args.device, threads=args.threads)
+        if args.model is None:  # the index names the model that answers: say which one runs
+            print(f"queries encoded by {index.model} (recorded in the index)", file=sys.stderr)
         query(index, embedder, args.query, args.k)  # warm-up: the first call pays one-time costs
         results = query(index, embedder, args.query, args.k)
     print(format_results(index, results))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from distill.commands._args import query_arguments
 from distill.deploy.search import open_search, torch_threads
@@ -32,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     check_options(args.workers, args.timeout, args.allowed_hosts)  # before the slow part: loading the model
     with torch_threads(args.threads):
         index, embedder = open_search(args.index, model=args.model, faiss=args.faiss, device=args.device, threads=args.threads)
+        if args.model is None:  # the index names the model that answers: say which one runs
+            print(f"queries encoded by {index.model} (recorded in the index)", file=sys.stderr)
         serve(index, embedder, host=args.host, port=args.port, allowed_hosts=args.allowed_hosts,
               workers=args.workers, timeout=args.timeout)  # fmt: skip
     return 0

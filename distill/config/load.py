@@ -8,6 +8,8 @@ Loading never runs the semantic checks against the registries: the command decid
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,10 @@ def read_yaml(path: Path, where: str) -> DictConfig:
     try:
         raw = OmegaConf.load(path)
     except Exception as e:  # yaml.YAMLError and friends: report the file, keep the cause
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path}: not valid YAML: {first}") from e
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{path}: not valid YAML{at}: {what}") from e
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return raw
@@ -48,21 +52,44 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = (), _where: str = "conf
         raise ConfigError(f"{path}: extends must be a file name or a list of them")
     merged = OmegaConf.create({})
     for i, base in enumerate(bases):
-        merged = OmegaConf.merge(
-            merged, load_raw(path.parent / str(base), (*_seen, path), f"{path}: extends[{i}]")
-        )
-    return OmegaConf.merge(merged, raw)
+        merged = merge_raw(merged, load_raw(path.parent / str(base), (*_seen, path), f"{path}: extends[{i}]"))
+    return merge_raw(merged, raw)
 
 
-def parse_overrides(overrides: list[str]) -> DictConfig:
-    """`["edges.si_tt.enabled=false", ...]` -> a config to merge on top (YAML-typed values)."""
-    bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
-    if bad:
-        raise ConfigError([f"override {o!r}: expected key=value" for o in bad])
+def merge_raw(base: DictConfig, child: DictConfig) -> DictConfig:
+    """`child` merged over `base`; where the two disagree in shape (a list over a mapping),
+    the child's value replaces the base's, for the schema check to report at its path."""
     try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"overrides: {str(e).splitlines()[0]}") from e
+        return OmegaConf.merge(base, child)
+    except (OmegaConfBaseException, TypeError, ValueError):
+        out = base.copy()
+        for key in child.keys():
+            mine, theirs = child._get_node(key), out._get_node(key) if key in out else None
+            if isinstance(mine, DictConfig) and isinstance(theirs, DictConfig):
+                out[key] = merge_raw(theirs, mine)
+            else:
+                out[key] = mine
+        return out
+
+
+def parse_override(override: str) -> tuple[str, Any]:
+    """`"edges.si_tt.enabled=false"` -> `("edges.si_tt.enabled", False)` (the value read as YAML).
+
+    Raises:
+        ConfigError: One line naming the override when it is not `key=value` or the value
+            is not valid YAML.
+    """
+    key = override.split("=", 1)[0].strip()
+    if "=" not in override or not key:
+        raise ConfigError(f"override {override!r}: expected key=value")
+    try:
+        node: Any = OmegaConf.to_container(OmegaConf.from_dotlist([override]), resolve=False)
+        for part in key.split("."):  # the value as written: an interpolation stays unresolved
+            node = node[part]
+        return key, node
+    except Exception as e:  # yaml and grammar errors of many types: name the override
+        what = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"override {override!r}: the value is not valid YAML: {what}") from e
 
 
 def _allowed_keys(schema: DictConfig, full_key: str) -> list[str]:
@@ -85,6 +112,56 @@ def _drop(raw: DictConfig, full_key: str) -> bool:
         del node[parts[-1]]
         return True
     return False
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, DictConfig):
+        return "a mapping"
+    if isinstance(value, ListConfig):
+        return "a list"
+    value = value._value() if hasattr(value, "_value") else value  # a scalar node
+    return f"{type(value).__name__} {value!r}"
+
+
+def _check_shape(node: Any, hint: Any, path: str, problems: list[str]) -> bool:
+    """Report and prune the parts of `node` whose shape (mapping, list) differs from the
+    schema type `hint`; False when `node` itself has the wrong shape. Unknown keys inside
+    list items (`stages[0].bogus`) are reported here, at their own path."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(node, DictConfig):
+            problems.append(f"{path}: expected a mapping, got {_kind(node)}")
+            return False
+        hints = typing.get_type_hints(hint)
+        for key in list(node.keys()):
+            where = f"{path}.{key}" if path else str(key)
+            if key not in hints:
+                if "[" in path:  # omegaconf names list items badly: report it here
+                    problems.append(f"{where}: unknown key (allowed: {', '.join(hints)})")
+                    del node[key]
+                continue
+            if not _check_shape(node._get_node(key), hints[key], where, problems):
+                del node[key]
+        return True
+    if origin is dict:
+        if node is None or (hasattr(node, "_is_none") and node._is_none()):
+            return True
+        if not isinstance(node, DictConfig):
+            problems.append(f"{path}: expected a mapping, got {_kind(node)}")
+            return False
+        for key in list(node.keys()):
+            if not _check_shape(node._get_node(key), args[1], f"{path}.{key}", problems):
+                del node[key]
+        return True
+    if origin is list:
+        if not isinstance(node, ListConfig):
+            problems.append(f"{path}: expected a list, got {_kind(node)}")
+            return False
+        bad = [i for i, item in enumerate(node) if not _check_shape(node._get_node(i), args[0], f"{path}[{i}]", problems)]
+        for i in reversed(bad):
+            del node[i]
+        return True
+    return True
 
 
 def merge_with_schema(raw: DictConfig) -> tuple[DictConfig, list[str]]:
@@ -112,8 +189,13 @@ def merge_with_schema(raw: DictConfig) -> tuple[DictConfig, list[str]]:
                 return schema, problems
     else:  # pragma: no cover - needs 200 distinct bad keys
         return schema, problems
-    for key in OmegaConf.missing_keys(cfg):
-        problems.append(f"{key}: missing value")
+    reported = tuple(p.split(":", 1)[0] for p in problems)
+    try:
+        missing = OmegaConf.missing_keys(cfg)
+    except OmegaConfBaseException:  # a bad interpolation: `schema_check`'s resolve reports it
+        missing = set()
+    problems += [f"{key}: missing value" for key in sorted(missing)
+                 if not any(key == r or key.startswith((f"{r}.", f"{r}[")) for r in reported)]  # fmt: skip
     return cfg, problems
 
 
@@ -140,40 +222,37 @@ def read_config(path: str | Path, overrides: list[str] | None = None) -> tuple[C
 
 
 def apply_overrides(raw: DictConfig, overrides: list[str]) -> DictConfig:
-    """Merge dotted overrides into a raw config; a key through a list (`stages.1.lr=1e-4`)
-    updates that item in place, since merging a mapping into a list fails in omegaconf."""
-    parsed = parse_overrides(overrides)
-    through_list = []
+    """Apply dotted overrides to a raw config, in order. A mapping value merges into the
+    mapping it names; a value of another shape (a list for a mapping, say) replaces it, for
+    the schema check to report at its path. A key through a list (`stages.1.lr=1e-4`)
+    updates that item in place.
+
+    Raises:
+        ConfigError: One line per override that is not `key=value`, is not valid YAML, or
+            goes through a list item the config does not have.
+    """
+    raw, problems = raw.copy(), []
     for o in overrides:
-        key = o.split("=", 1)[0].strip()
-        parts = key.split(".")
-        prefixes = (OmegaConf.select(raw, ".".join(parts[:i]), throw_on_resolution_failure=False) for i in range(1, len(parts)))
-        if any(isinstance(node, ListConfig) for node in prefixes):
-            through_list.append(key)
-    for key in through_list:
-        value = OmegaConf.select(parsed, key)
         try:
-            OmegaConf.update(raw, key, value, merge=True)
-        except (OmegaConfBaseException, IndexError, ValueError) as e:
-            raise ConfigError(f"override {key!r}: {str(e).splitlines()[0]}") from e
-        _drop(parsed, key)
-    while through_list and _prune_empty(parsed):
-        pass
-    return OmegaConf.merge(raw, parsed)
-
-
-def _prune_empty(node: DictConfig) -> bool:
-    """Delete empty mappings left behind by `_drop`; True if anything was deleted."""
-    pruned = False
-    for key in list(node.keys()):
-        child = node._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_none():
-            if len(child) == 0:
-                del node[key]
-                pruned = True
-            else:
-                pruned = _prune_empty(child) or pruned
-    return pruned
+            key, value = parse_override(o)
+        except ConfigError as e:
+            problems += e.problems
+            continue
+        parts = key.split(".")
+        for i, part in enumerate(parts[1:], 1):
+            parent = OmegaConf.select(raw, ".".join(parts[:i]), throw_on_resolution_failure=False)
+            if part.isdigit() and not (isinstance(parent, ListConfig) and int(part) < len(parent)):
+                have = f"{len(parent)} items" if isinstance(parent, ListConfig) else "no such list"
+                problems.append(f"override {key!r}: {'.'.join(parts[:i])} has no item {part} ({have})")
+                break
+        else:
+            try:
+                OmegaConf.update(raw, key, value, merge=True)
+            except (OmegaConfBaseException, TypeError, ValueError):  # another shape: replace it
+                OmegaConf.update(raw, key, value, merge=False)
+    if problems:
+        raise ConfigError(problems)
+    return raw
 
 
 def prune_removed(raw: DictConfig) -> DictConfig:
@@ -187,15 +266,25 @@ def prune_removed(raw: DictConfig) -> DictConfig:
 
 
 def schema_check(raw: DictConfig) -> tuple[Config | None, list[str]]:
-    """Schema-merge and resolve a raw config; (config without the bad keys, problems)."""
-    cfg, problems = merge_with_schema(prune_removed(raw.copy()))
+    """Schema-merge and resolve a raw config; (config without the bad keys, problems).
+
+    The config is None when it cannot be checked further: a section or list of the wrong
+    shape (a list where a mapping belongs), a missing value or a broken interpolation; a
+    semantic check of such a config would only repeat the problem in other words.
+    """
+    raw = prune_removed(raw.copy())
+    shape: list[str] = []
+    _check_shape(raw, Config, "", shape)
+    if shape:
+        return None, shape
+    cfg, problems = merge_with_schema(raw)
     if any(p.endswith(": missing value") for p in problems):
         return None, problems
     try:
         OmegaConf.resolve(cfg)
+        return OmegaConf.to_object(cfg), problems  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         return None, [*problems, f"{e.full_key}: {str(e).splitlines()[0]}"]
-    return OmegaConf.to_object(cfg), problems  # type: ignore[return-value]
 
 
 def config_from_raw(raw: DictConfig) -> Config:

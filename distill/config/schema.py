@@ -79,6 +79,10 @@ class TrainerConfig:
     limit_val_batches: float = 1.0
     checkpoint_every_n_steps: int = 200
     progress_bar: bool = True
+    nonfinite: str = "error"
+    """A NaN or infinite loss: `error` stops the run at that step naming the edges; `skip`
+    drops the step (no update), counts it as `train/nonfinite_skipped`, and stops after
+    `distill.training.module.MAX_SKIPPED_IN_A_ROW` skipped steps in a row."""
 
 
 @dataclass

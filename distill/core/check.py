@@ -18,25 +18,41 @@ from typing import Any
 from distill.config.load import read_config
 from distill.config.schema import Config
 from distill.config.signature import check_kwargs
+from distill.data.base import open_dataset
 from distill.errors import ConfigError
 from distill.losses.base import ArgumentError
 from distill.models.inherit import init_problems
 from distill.registry import DATASETS, LOSSES, MODELS
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+TRAINER_PRECISIONS = ("16-mixed", "bf16-mixed", "32-true", "16-true", "bf16-true", "64-true", "transformer-engine",
+                      "transformer-engine-float16", "16", "32", "64", "bf16")  # fmt: skip
+"""What Lightning's `Trainer(precision=...)` accepts (tests/test_check_lightning.py compares)."""
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps", "tpu")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "fsdp_cpu_offload", "deepspeed",
+              "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
+              "deepspeed_stage_3_offload", "deepspeed_stage_3_offload_nvme", "single_device", "xla")  # fmt: skip
+"""Lightning strategies by name (the `*_find_unused_parameters_*` spellings are accepted too)."""
+NONFINITE = ("error", "skip")
+SPLITS = ("train", "val", "test")
 CACHE_MODES = ("auto", "require", "never")
 STAGE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-def load_checked(path: str | Path, overrides: list[str] | None = None) -> Config:
+def load_checked(path: str | Path, overrides: list[str] | None = None, *, data: bool = True) -> Config:
     """Load a YAML config and run every check: schema and semantic problems come out together.
+
+    Args:
+        path: The experiment YAML.
+        overrides: Dotted `key=value` overrides.
+        data: Check the data files too (missing shards, a batch larger than the data).
 
     Raises:
         ConfigError: One line per problem.
     """
     config, problems = read_config(path, overrides)
     if config is not None:
-        problems += check(config)
+        problems += check(config, data=data)
     if problems or config is None:
         raise ConfigError(problems)
     return config
@@ -153,9 +169,104 @@ def _check_weight(name: str, weight: float, problems: list[str]) -> None:
         problems.append(f"edges.{name}.weight: must be >= 0 (a negative weight maximises the loss), got {weight}")
 
 
-def check(config: Config) -> list[str]:
-    """All semantic problems of a schema-valid config, one line each."""
+def _positive(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _count(x: Any, least: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= least
+
+
+def _fraction(x: Any, closed_top: bool = True) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and 0 <= x and (x <= 1 if closed_top else x < 1)
+
+
+def _devices(x: Any) -> bool:
+    if x == "auto" or x == -1 or (_count(x, 1)):
+        return True
+    if isinstance(x, str):
+        return all(p.strip().isdigit() for p in x.split(",") if p.strip()) and bool(x.strip(", "))
+    return isinstance(x, list | tuple) and bool(x) and all(_count(i, 0) for i in x)
+
+
+def known_strategy(x: Any) -> bool:
+    return isinstance(x, str) and x.replace("_find_unused_parameters_true", "").replace(
+        "_find_unused_parameters_false", "") in STRATEGIES
+
+
+def field_problems(config: Config) -> list[str]:
+    """Range and value checks of the numeric and Lightning fields, one line each."""
+    d, o, t = config.data, config.optim, config.trainer
+    rules: list[tuple[str, Any, bool, str]] = [
+        ("seed", config.seed, _count(config.seed, 0) and config.seed < 2**32, "an integer in [0, 2**32)"),
+        ("data.batch_size", d.batch_size, _count(d.batch_size, 1), "an integer >= 1"),
+        ("data.eval_batch_size", d.eval_batch_size, _count(d.eval_batch_size, 1), "an integer >= 1"),
+        ("data.num_workers", d.num_workers, _count(d.num_workers, 0), "an integer >= 0"),
+        ("data.shuffle_buffer", d.shuffle_buffer, _count(d.shuffle_buffer, 0), "an integer >= 0"),
+        ("data.steps_per_epoch", d.steps_per_epoch, d.steps_per_epoch is None or _count(d.steps_per_epoch, 1),
+         "null or an integer >= 1"),
+        ("optim.lr", o.lr, _positive(o.lr), "a finite number > 0"),
+        ("optim.weight_decay", o.weight_decay, _fraction(o.weight_decay, True) or (o.weight_decay >= 0 and math.isfinite(o.weight_decay)),
+         "a finite number >= 0"),
+        ("optim.betas", o.betas, len(o.betas) == 2 and all(_fraction(b, False) for b in o.betas), "two numbers in [0, 1)"),
+        ("optim.eps", o.eps, _positive(o.eps), "a finite number > 0"),
+        ("optim.warmup_steps", o.warmup_steps, _count(o.warmup_steps, 0), "an integer >= 0"),
+        ("optim.min_lr_ratio", o.min_lr_ratio, _fraction(o.min_lr_ratio), "a number in [0, 1]"),
+        ("trainer.max_steps", t.max_steps, _count(t.max_steps, 1), "an integer >= 1"),
+        ("trainer.num_nodes", t.num_nodes, _count(t.num_nodes, 1), "an integer >= 1"),
+        ("trainer.accumulate_grad_batches", t.accumulate_grad_batches, _count(t.accumulate_grad_batches, 1),
+         "an integer >= 1"),
+        ("trainer.gradient_clip_val", t.gradient_clip_val, t.gradient_clip_val is None or _positive(t.gradient_clip_val),
+         "null or a finite number > 0"),
+        ("trainer.log_every_n_steps", t.log_every_n_steps, _count(t.log_every_n_steps, 1), "an integer >= 1"),
+        ("trainer.val_check_interval", t.val_check_interval, t.val_check_interval is None or _count(t.val_check_interval, 1),
+         "null or an integer >= 1"),
+        ("trainer.limit_val_batches", t.limit_val_batches, _fraction(t.limit_val_batches) and t.limit_val_batches > 0,
+         "a fraction in (0, 1]"),
+        ("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, _count(t.checkpoint_every_n_steps, 1),
+         "an integer >= 1"),
+        ("trainer.precision", t.precision, str(t.precision) in TRAINER_PRECISIONS, f"one of {', '.join(TRAINER_PRECISIONS)}"),
+        ("trainer.accelerator", t.accelerator, t.accelerator in ACCELERATORS, f"one of {', '.join(ACCELERATORS)}"),
+        ("trainer.strategy", t.strategy, known_strategy(t.strategy), f"one of {', '.join(STRATEGIES)}"),
+        ("trainer.devices", t.devices, _devices(t.devices), "'auto', -1 (all), a count >= 1, a list of device ids or '0,1'"),
+        ("trainer.nonfinite", t.nonfinite, t.nonfinite in NONFINITE, f"one of {', '.join(NONFINITE)}"),
+        ("eval.chunk_size", config.eval.chunk_size, _count(config.eval.chunk_size, 1), "an integer >= 1"),
+        ("eval.split", config.eval.split, config.eval.split in SPLITS, f"one of {', '.join(SPLITS)}"),
+    ]  # fmt: skip
+    problems = []
+    for path, value, ok, want in rules:
+        if not ok:
+            close = difflib.get_close_matches(str(value), want.split(", "), n=1) if "one of" in want else []
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"{path}: must be {want}, got {value!r}{hint}")
+    return problems
+
+
+def data_problems(config: Config) -> list[str]:
+    """What the dataset finds missing in its files (shards, JSON, folders), and a batch
+    larger than the whole training split when the dataset knows its size."""
+    try:
+        dataset = open_dataset(config.data.dataset, config.data.args)
+    except ConfigError:
+        return []  # the name or the arguments are reported by `check`
+    problems = dataset.check()
+    size = None if problems else dataset.train_size(config.data.captions_per_image)
+    if size is not None and config.data.batch_size > size:
+        problems.append(f"data.batch_size: {config.data.batch_size} is more than the {size} training samples "
+                        "(the last partial batch is dropped, so an epoch would have no batch)")
+    return problems
+
+
+def check(config: Config, *, data: bool = False) -> list[str]:
+    """All semantic problems of a schema-valid config, one line each.
+
+    Args:
+        config: The config.
+        data: Also check the data files (`data_problems`): what commands that read the
+            data ask for; a checkpoint read back for deployment need not find them.
+    """
     problems = load_plugins(list(config.plugins))
+    problems += field_problems(config)
     nodes = model_nodes(config, problems)
     problems += init_problems(config)
     frozen = {name for name, m in config.models.items() if m.frozen}
@@ -200,6 +311,8 @@ def check(config: Config) -> list[str]:
             problems.append(f"save_pretrained.{name}: model type {config.models[name].type!r} cannot save_pretrained")
     if config.stages:
         problems += stage_problems(config)
+    if data and not any(p.startswith(("data.dataset", "data.args")) for p in problems):
+        problems += data_problems(config)
     global_edges = [n for n in enabled if n in config.edges and _is_global(config.edges[n].loss)]
     if config.trainer.accumulate_grad_batches > 1 and global_edges:
         problems.append(

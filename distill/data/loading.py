@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distill.batch import Batch, ModelInputs, RetrievalBatch
 from distill.data.base import CaptionDataset, EvalImage, Part, Sample
+from distill.errors import ConfigError
 from distill.models.base import ImagePreprocess, TextPreprocess
 
 log = logging.getLogger(__name__)
@@ -266,11 +267,41 @@ class EpochLoader(DataLoader):
         """Continue after `state` on the next iteration (when it is the same epoch)."""
         self._resume = dict(state)
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Batch]:
+        """The epoch's batches; an epoch that yields none is an error, not an endless loop
+        of empty epochs (Lightning would start the next one forever)."""
         epoch, resume, self._resume = self.epoch_fn(), self._resume, None
         self.consumed = resume["batches"] if resume and resume["epoch"] == epoch else 0
         self.dataset.epoch, self.dataset.skip = epoch, self.consumed
-        return super().__iter__()
+        yielded = 0
+        for batch in super().__iter__():
+            yielded += 1
+            yield batch
+        if yielded == 0 and self.consumed == 0:
+            raise ConfigError(empty_epoch_problem(self.dataset, self.num_workers))
+
+
+def empty_epoch_problem(stream: TrainStream, num_workers: int, limit: int = 100_000) -> str:
+    """Why a rank's training epoch yielded no batch: every sample skipped (with the counts by
+    reason), or too few samples for `data.batch_size` on this rank or in each loader worker.
+    Reads this rank's share of the training split once, in the main process (at most `limit`
+    samples: an empty epoch means the share is small or unreadable)."""
+    skipped: Counter = Counter()
+    samples = stream.dataset.train_samples(part=Part(stream.rank, stream.world_size), seed=stream.seed,
+                                           epoch=stream.epoch, captions_per_image=stream.captions_per_image,
+                                           skipped=skipped)  # fmt: skip
+    usable = sum(1 for _ in itertools.islice(samples, limit))
+    rank = f"rank {stream.rank} of {stream.world_size}"
+    if usable == 0:
+        reasons = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in sorted(skipped.items())) or "the split is empty"
+        return f"data: the training split has no usable sample on {rank} ({reasons}); check data.dataset and data.args"
+    workers = max(1, num_workers)
+    if usable < stream.batch_size:
+        return (f"data.batch_size: {stream.batch_size} is more than the {usable} training samples of {rank}; "
+                "lower data.batch_size (the last partial batch is dropped)")
+    return (f"data.num_workers: each of the {workers} loader workers of {rank} gets about {usable // workers} of its "
+            f"{usable} training samples, fewer than data.batch_size={stream.batch_size}; lower data.num_workers or "
+            "data.batch_size")
 
 
 def eval_loader(

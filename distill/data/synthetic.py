@@ -257,6 +257,14 @@ class SyntheticShapes(CaptionDataset):
     def check(self) -> list[str]:
         """Problems of generated files, or a root folder that cannot be created."""
         if (self.root / DONE).is_file():
+            wanted = {"version": VERSION, "seed": self.seed, "sizes": list(self.sizes), "image_size": self.image_size}
+            try:
+                found = json.loads((self.root / DONE).read_text())
+            except (OSError, ValueError):
+                found = None
+            if found != wanted:  # generation skips a finished root: its data is another benchmark
+                return [f"data.args.root: {self.root} holds the benchmark generated with {found}, not {wanted}; "
+                        "use another root (or delete it to regenerate)"]
             return [f"data.args.root: {line.split(': ', 1)[-1]}" for line in self.reader().check()]
         existing = next(p for p in [self.root, *self.root.parents] if p.exists())
         if not os.access(existing, os.W_OK):

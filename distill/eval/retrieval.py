@@ -78,6 +78,37 @@ def retrieval_metrics(
     return out
 
 
+def retrieval_ranks(
+    image_emb: Tensor, image_ids: Tensor, text_emb: Tensor, text_image_ids: Tensor, chunk_size: int = 1024
+) -> dict[str, Tensor]:
+    """The exact rank of each query's first positive, in both directions (0 = top).
+
+    `i2t[i]` counts the captions of other images that score strictly higher than image i's
+    best caption; `t2i[j]` the other images that score strictly higher than caption j's
+    image (ties in the query's favour, as in `retrieval_metrics`). Recalls follow exactly:
+    R@K = 100 * mean(rank < K) (`recalls_from_ranks`), so comparisons between runs need
+    no re-encoding.
+
+    Returns:
+        {"i2t": (N,) int32 in image_ids order, "t2i": (T,) int32 in text order}.
+    """
+    img, txt = _check_embeddings(image_emb, image_ids, text_emb, text_image_ids)
+    caption_image = _caption_image_index(image_ids, text_image_ids)
+    i2t, t2i = _ranks(img, txt, caption_image, chunk_size, None)
+    return {"i2t": i2t.to(torch.int32).cpu(), "t2i": t2i.to(torch.int32).cpu()}
+
+
+def recalls_from_ranks(ranks: dict[str, Any], ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """`i2t_r{K}`, `t2i_r{K}` (percent) and `rsum` from per-query ranks."""
+    out: dict[str, float] = {}
+    for name in ("i2t", "t2i"):
+        rank = torch.as_tensor(ranks[name])
+        for k in _check_ks(ks):
+            out[f"{name}_r{k}"] = 100.0 * int((rank < k).sum()) / rank.numel()
+    out["rsum"] = sum(out.values())
+    return out
+
+
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     ks = tuple(int(k) for k in ks)
     if not ks or min(ks) < 1:
@@ -133,9 +164,10 @@ def _caption_image_index(image_ids: Tensor, text_image_ids: Tensor) -> Tensor:
 
 
 def _ranks(
-    img: Tensor, txt: Tensor, caption_image: Tensor, chunk_size: int, max_k: int
+    img: Tensor, txt: Tensor, caption_image: Tensor, chunk_size: int, max_k: int | None
 ) -> tuple[Tensor, Tensor]:
-    """(N,) image->text and (T,) text->image ranks, exact below max_k, capped at max_k."""
+    """(N,) image->text and (T,) text->image ranks, exact below max_k, capped at max_k
+    (max_k None: exact, with a second pass over the blocks for text->image)."""
     n, t = img.shape[0], txt.shape[0]
     counts = torch.bincount(caption_image, minlength=n)
     if (counts == 0).any():
@@ -152,6 +184,8 @@ def _ranks(
     positives = order[ptr[:-1]].unsqueeze(1).repeat(1, int(counts.max()))
     positives[caption_image[order], slot] = order
 
+    if max_k is None:
+        return _exact_ranks(img, txt, caption_image, chunk_size, positives, order, ptr)
     i2t_k, t2i_k = min(max_k, t), min(max_k, n)
     t2i_top = torch.full((t2i_k, t), float("-inf"), device=img.device)
     t2i_pos = torch.empty(t, device=img.device)
@@ -167,6 +201,26 @@ def _ranks(
         block_top = block.topk(min(t2i_k, end - start), dim=0).values
         t2i_top = torch.cat([t2i_top, block_top]).topk(t2i_k, dim=0).values
     t2i_rank = (t2i_top > t2i_pos).sum(0)
+    return i2t_rank, t2i_rank
+
+
+def _exact_ranks(
+    img: Tensor, txt: Tensor, caption_image: Tensor, chunk_size: int, positives: Tensor, order: Tensor, ptr: Tensor
+) -> tuple[Tensor, Tensor]:
+    n, t = img.shape[0], txt.shape[0]
+    t2i_pos = torch.empty(t, device=img.device)
+    i2t_rank = torch.empty(n, dtype=torch.long, device=img.device)
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        block = img[start:end] @ txt.T
+        best = block.gather(1, positives[start:end]).amax(1, keepdim=True)
+        i2t_rank[start:end] = (block > best).sum(1)
+        mine = order[ptr[start] : ptr[end]]
+        t2i_pos[mine] = block[caption_image[mine] - start, mine]
+    t2i_rank = torch.zeros(t, dtype=torch.long, device=img.device)
+    for start in range(0, n, chunk_size):  # the same blocks again, now that every positive is known
+        block = img[start : min(start + chunk_size, n)] @ txt.T
+        t2i_rank += (block > t2i_pos[None, :]).sum(0)
     return i2t_rank, t2i_rank
 
 

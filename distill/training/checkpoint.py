@@ -1,13 +1,18 @@
 """Reading `distill fit` checkpoints back: the saved config and the graph with its weights.
 
 Pure torch: the deploy commands (`search`, `serve`, `export`, `bench`) read checkpoints
-through this module without importing Lightning. Checkpoints are unpickled with
-`weights_only=True`, so a file with a crafted pickle entry cannot run code on load.
+through this module without importing Lightning.
+
+A checkpoint is data, never code. It is unpickled with `weights_only=True` (tensors and
+plain containers only), so a crafted pickle entry cannot run. Its stored config is
+refused when it would run code once loaded: `plugins:` (imported modules) and `pipe:`
+data URLs (shell commands), unless the user says they trust the file
+(`distill --trust-checkpoint ...`, or `trust=True`) or evaluates with their own YAML.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,7 @@ from distill.core.build import build_graph
 from distill.core.check import checked, load_checked
 from distill.core.graph import KnowledgeGraph
 from distill.errors import ConfigError
+from distill.trust import TRUST
 
 PREFIX = "graph."
 """State-dict keys of a `DistillModule` checkpoint start with the graph's attribute name."""
@@ -80,9 +86,35 @@ def frozen_prefixes(config: Config, prefix: str = "") -> list[str]:
     return [f"{prefix}models.{n}." for n, m in config.models.items() if m.frozen]
 
 
-def load_checkpoint(path: str | Path, overrides: list[str] | None = None) -> Trained:
+def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _strings(v, f"{path}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from _strings(v, f"{path}[{i}]")
+
+
+def code_in_config(config: Config) -> list[str]:
+    """What in a config runs code once it is loaded: plugin imports and `pipe:` data URLs."""
+    found = [f"plugins[{i}]: imports {name!r}" for i, name in enumerate(config.plugins)]
+    found += [f"{where}: {value!r} runs a shell command" for where, value in _strings(dict(config.data.args), "data.args")
+              if value.strip().startswith("pipe:")]  # fmt: skip
+    return found
+
+
+def load_checkpoint(path: str | Path, overrides: list[str] | None = None, *, trust: bool = False) -> Trained:
     """The config saved in a `distill fit` checkpoint (plus `overrides`), checked, and its
     graph with the trained weights, in eval mode.
+
+    Args:
+        path: The `.ckpt` file.
+        overrides: Dotted `key=value` overrides of the stored config.
+        trust: Allow a stored config that imports plugins or reads `pipe:` URLs (both run
+            code); default: refuse it, unless the CLI was given
+            `--trust-checkpoint` (`distill.trust.TRUST`).
 
     Raises:
         ConfigError: A missing or unsafe file, a bad saved config or override, or weights
@@ -92,7 +124,14 @@ def load_checkpoint(path: str | Path, overrides: list[str] | None = None) -> Tra
     raw = OmegaConf.create(ckpt["hyper_parameters"]["config"])
     if overrides:
         raw = apply_overrides(raw, overrides)
-    config = checked(config_from_raw(raw))
+    config = config_from_raw(raw)
+    code = code_in_config(config)
+    if code and not (trust or TRUST.checkpoints):
+        raise ConfigError(
+            f"{path}: its stored config would run code when loaded ({'; '.join(code)}); pass "
+            "--trust-checkpoint if you trust this file, or use your own YAML"
+        )
+    config = checked(config)
     graph = build_graph(config)
     state = {k[len(PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
     try:

@@ -16,9 +16,13 @@ from distill.config.schema import Config
 from distill.core.build import build_graph
 from distill.core.check import checked
 from distill.core.graph import KnowledgeGraph
+from distill.distributed import world_size
+from distill.errors import ConfigError
 from distill.eval.retrieval import RetrievalRecall
 from distill.training.checkpoint import frozen_prefixes, load_tolerant
 
+MAX_SKIPPED_IN_A_ROW = 20
+"""Under `trainer.nonfinite: skip`, this many non-finite steps in a row stop the run."""
 NO_DECAY_HINTS = ("bias", "norm", "ln_", "bn", "logit_scale", "temperature", "embeddings.position")
 
 
@@ -61,6 +65,7 @@ class DistillModule(pl.LightningModule):
         self.save_hyperparameters({"config": to_dict(self.config)})
         self.graph = graph if graph is not None else build_graph(self.config)
         self._val: dict[str, list[Tensor]] = {}
+        self._skipped = self._skipped_in_a_row = 0
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """As `nn.Module.load_state_dict`, except that frozen models' weights may be absent on
@@ -80,9 +85,35 @@ class DistillModule(pl.LightningModule):
             if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def nonfinite(self, out: dict[str, Tensor]) -> bool:
+        """True when this step's loss is NaN or infinite on any rank (all ranks agree, so
+        they stop or skip together)."""
+        bad = (~torch.isfinite(out["loss"].detach())).float().reshape(1)
+        if world_size() > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return bool(bad.item())
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         out = self.graph(batch)
         n = len(batch)
+        if self.nonfinite(out):
+            edges = ", ".join(f"{k[5:]}={float(v):.4g}" for k, v in out.items() if k.startswith("edge/"))
+            if self.config.trainer.nonfinite != "skip":
+                raise ConfigError(
+                    f"train: step {self.global_step}: the loss is {float(out['loss']):.4g} (edges: {edges}); "
+                    "stopped before updating the weights, the last checkpoint is intact "
+                    "(trainer.nonfinite=skip drops such steps instead)"
+                )
+            self._skipped += 1
+            self._skipped_in_a_row += 1
+            self.log("train/nonfinite_skipped", float(self._skipped), batch_size=n)
+            if self._skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise ConfigError(
+                    f"train: step {self.global_step}: {self._skipped_in_a_row} steps in a row had a non-finite "
+                    f"loss (edges: {edges}); stopped, the last checkpoint is intact"
+                )
+            return None  # Lightning skips backward and the optimizer step
+        self._skipped_in_a_row = 0
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=n)
         for key, value in out.items():
             if key.startswith("edge/"):

@@ -5,6 +5,7 @@ base: ../conaclip.yaml              # experiment YAML, relative to this file
 output_dir: runs/ablations/edges    # one run folder per variant: <output_dir>/<variant>/
 overrides: [trainer.max_steps=600]  # the training budget (and anything else) for every variant
 split: test                         # where the students are evaluated
+seeds: [0, 1, 2]                    # every variant once per seed (model init and data order)
 variants:                           # explicit variants, in table order
   - {name: full}
   - {name: task_only, edges: [si_st]}            # exactly these edges on, the others off
@@ -14,17 +15,19 @@ grid:                               # and/or the product of these (after the exp
   edges.si_st.args.temperature: [0.05, 0.1]
 ```
 
-`distill sweep SWEEP.yaml [overrides...]` validates every variant first (all problems at
-once), then fits each variant that has no `metrics.json` yet (an interrupted one resumes
-from its `last.ckpt`), evaluates each student on `split` (cached in `eval_<split>.json`)
-and writes `sweep.csv`, `sweep.md` and `sweep.png` into `output_dir`. The first variant is
-the reference of the delta column. Command-line overrides apply to every variant, after
-the sweep's own `overrides` and before each variant's.
+`distill sweep SWEEP.yaml [overrides...] [--seeds 0 1 2]` validates every variant first (all
+problems at once), then fits each (variant, seed) that has no `metrics.json` yet into
+`<output_dir>/<variant>/seed<s>/` (an interrupted one resumes from its `last.ckpt`; without
+`seeds`, one run per variant in `<output_dir>/<variant>/` at the config's seed), evaluates
+each student on `split` (recalls and per-query ranks, cached beside its checkpoint) and
+writes the ablation table (`distill.eval.ablation`): mean ± std over seeds, and each
+variant's paired bootstrap interval against the first variant, the reference. Command-line
+overrides apply to every variant, after the sweep's own `overrides` and before each
+variant's.
 """
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import re
@@ -39,12 +42,12 @@ from distill.config.load import read_yaml
 from distill.config.schema import Config
 from distill.core.check import load_checked
 from distill.errors import ConfigError
-from distill.eval.evaluate import evaluate_encoder
-from distill.io import atomic_path, write_json, write_text
+from distill.eval.ablation import write_ablation
+from distill.eval.evaluate import evaluate_ranks, load_ranks, save_evaluation
+from distill.eval.stats import METRICS
 from distill.training.checkpoint import load_checkpoint
 from distill.training.stages import train
 
-METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 SAFE = re.compile(r"[^A-Za-z0-9_.,=+-]")
 
 
@@ -65,6 +68,7 @@ class SweepConfig:
     output_dir: str = MISSING
     overrides: list[str] = field(default_factory=list)
     split: str = "test"
+    seeds: list[int] = field(default_factory=list)
     variants: list[VariantConfig] = field(default_factory=list)
     grid: dict[str, list[Any]] = field(default_factory=dict)
 
@@ -156,8 +160,15 @@ def expand(sweep: SweepConfig, all_edges: list[str]) -> tuple[list[tuple[str, li
     return out, problems
 
 
-def variant_configs(sweep: SweepConfig, extra: list[str] | None = None) -> dict[str, Config]:
-    """Every variant's validated config (output_dir `<output_dir>/<name>`, `resume: last`).
+def variant_configs(
+    sweep: SweepConfig, extra: list[str] | None = None, seeds: list[int] | None = None
+) -> dict[tuple[str, int | None], Config]:
+    """Every (variant, seed)'s validated config (`resume: last`), in table order.
+
+    Args:
+        sweep: The sweep file.
+        extra: Command-line overrides for every variant.
+        seeds: Replace the file's `seeds`; empty or None keeps them.
 
     Raises:
         ConfigError: Every problem of every variant, each line prefixed by where it came from.
@@ -169,21 +180,30 @@ def variant_configs(sweep: SweepConfig, extra: list[str] | None = None) -> dict[
     variants, problems = expand(sweep, list(base.edges))
     if not variants:
         problems.append("variants: no variant; list some under variants: or grid:")
-    configs: dict[str, Config] = {}
+    seeds = list(seeds or sweep.seeds)
+    if len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
+        problems.append(f"seeds: expected distinct integers >= 0, got {seeds}")
+    configs: dict[tuple[str, int | None], Config] = {}
+    names: set[str] = set()
     for name, overrides, where in variants:
         if not SAFE.sub("", name) == name or not name:
             problems.append(f"{where}.name: {name!r} must be letters, digits or _ . , = + -")
             continue
-        if name in configs:
+        if name in names:
             problems.append(f"{where}.name: duplicate variant name {name!r}")
             continue
-        folder = Path(sweep.output_dir) / name
-        try:
-            configs[name] = load_checked(
-                sweep.base, [*sweep.overrides, *(extra or []), *overrides, f"output_dir={folder}", "resume=last"]
-            )
-        except ConfigError as e:
-            problems += [f"{where} ({name}): {p}" for p in e.problems]
+        names.add(name)
+        for seed in seeds or [None]:
+            folder = Path(sweep.output_dir) / name / (f"seed{seed}" if seed is not None else "")
+            by_seed = [f"seed={seed}", f"data.seed={seed}"] if seed is not None else []
+            try:
+                configs[name, seed] = load_checked(
+                    sweep.base,
+                    [*sweep.overrides, *(extra or []), *overrides, *by_seed, f"output_dir={folder}", "resume=last"],
+                )
+            except ConfigError as e:
+                problems += [f"{where} ({name}): {p}" for p in e.problems]
+                break
     if problems:
         raise ConfigError(problems)
     return configs
@@ -196,74 +216,36 @@ def enabled_edges(config: Config) -> list[str]:
     return [n for n, e in config.edges.items() if e.enabled]
 
 
-def evaluate_variant(config: Config, split: str) -> dict[str, float]:
-    """The trained student's retrieval metrics on `split`, cached next to its checkpoint."""
+def evaluate_variant(config: Config, split: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """The trained student's metrics and per-query ranks on `split`, cached beside its checkpoint."""
     folder = Path(config.output_dir)
     cache, ckpt = folder / f"eval_{split}.json", folder / "final.ckpt"
-    if cache.is_file() and cache.stat().st_mtime >= ckpt.stat().st_mtime:
-        return json.loads(cache.read_text())
-    module = load_checkpoint(ckpt)
-    name = module.config.eval.model
-    metrics = evaluate_encoder(module.graph.models[name], name, config, split)
-    write_json(cache, metrics, sort_keys=True)
-    return metrics
+    ranks_file = folder / f"eval_{split}.ranks.npz"
+    if cache.is_file() and ranks_file.is_file() and cache.stat().st_mtime >= ckpt.stat().st_mtime:
+        return json.loads(cache.read_text()), load_ranks(folder, split)
+    trained = load_checkpoint(ckpt, trust=True)  # written by this sweep from the user's own YAML
+    name = trained.config.eval.model
+    metrics, ranks = evaluate_ranks(trained.graph.models[name], name, config, split)
+    save_evaluation(folder, split, metrics, ranks)
+    return metrics, ranks
 
 
-def write_outputs(rows: list[dict[str, Any]], out: Path) -> Path:
-    """`sweep.csv`, `sweep.md` and `sweep.png` of the rows; returns the Markdown path."""
-    ref = rows[0]["rsum"]
-    for row in rows:
-        row["delta_rsum"] = row["rsum"] - ref
-    columns = ["variant", "edges", *METRICS, "delta_rsum"]
-    with atomic_path(out / "sweep.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({**r, "edges": " ".join(r["edges"])} for r in rows)
-    head = "| variant | enabled edges | I→T R@1 | R@5 | R@10 | T→I R@1 | R@5 | R@10 | RSUM | Δ RSUM |"
-    lines = [head, "|" + "---|" * 10]
-    for r in rows:
-        recalls = " | ".join(f"{r[m]:.1f}" for m in METRICS[:-1])
-        delta = "ref" if r is rows[0] else f"{r['delta_rsum']:+.1f}"
-        lines.append(f"| {r['variant']} | {', '.join(r['edges'])} | {recalls} | {r['rsum']:.1f} | {delta} |")
-    md = out / "sweep.md"
-    write_text(md, f"Δ RSUM is relative to `{rows[0]['variant']}`.\n\n" + "\n".join(lines) + "\n")
-    _plot(rows, out / "sweep.png")
-    return md
-
-
-def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib: heavy, only for plots
-    from matplotlib.figure import Figure  # matplotlib: heavy, only for plots
-
-    fig = Figure(figsize=(max(5.0, 0.8 * len(rows) + 2), 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    names, rsums = [r["variant"] for r in rows], [r["rsum"] for r in rows]
-    bars = ax.bar(range(len(rows)), rsums, color=["#4c72b0"] + ["#8c8c8c"] * (len(rows) - 1))
-    ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.axhline(rsums[0], color="#4c72b0", linewidth=0.8, linestyle="--")
-    ax.set_xticks(range(len(rows)), names, rotation=30, ha="right")
-    ax.set_ylim(0, max(max(rsums), 1.0) * 1.12)
-    ax.set_ylabel("RSUM")
-    ax.set_title("RSUM per variant")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-
-
-def run_sweep(path: str | Path, extra: list[str] | None = None) -> Path:
-    """`distill sweep`: fit the missing variants, evaluate all, write the table; see above."""
+def run_sweep(path: str | Path, extra: list[str] | None = None, seeds: list[int] | None = None) -> Path:
+    """`distill sweep`: fit the missing runs, evaluate all, write the table; see above."""
     sweep = load_sweep(path)
-    configs = variant_configs(sweep, extra)
+    configs = variant_configs(sweep, extra, seeds)
     out = Path(sweep.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for i, (name, config) in enumerate(configs.items()):
+    for i, ((name, seed), config) in enumerate(configs.items()):
+        label = name if seed is None else f"{name} seed {seed}"
         if (Path(config.output_dir) / "metrics.json").is_file():
-            print(f"[{i + 1}/{len(configs)}] {name}: finished, skipped", flush=True)
+            print(f"[{i + 1}/{len(configs)}] {label}: finished, skipped", flush=True)
             continue
-        print(f"[{i + 1}/{len(configs)}] {name}: fitting into {config.output_dir}", flush=True)
+        print(f"[{i + 1}/{len(configs)}] {label}: fitting into {config.output_dir}", flush=True)
         train(config)
-    rows = []
-    for name, config in configs.items():
-        metrics = evaluate_variant(config, sweep.split)
-        rows.append({"variant": name, "edges": enabled_edges(config), **{m: metrics[m] for m in METRICS}})
-    return write_outputs(rows, out)
+    runs = []
+    for (name, seed), config in configs.items():
+        metrics, ranks = evaluate_variant(config, sweep.split)
+        runs.append({"variant": name, "seed": seed if seed is not None else config.seed, "edges": enabled_edges(config),
+                     **{m: metrics[m] for m in METRICS}, "ranks": ranks})  # fmt: skip
+    return write_ablation(runs, out)

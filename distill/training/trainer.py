@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -21,14 +22,36 @@ from distill.io import atomic_path
 from distill.training.datamodule import DistillDataModule
 from distill.training.module import DistillModule
 
+log = logging.getLogger(__name__)
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints are written through `distill.io.atomic_path`: a killed run never leaves a
-    truncated `.ckpt` behind."""
+PREVIOUS = "last.previous.ckpt"
+"""The checkpoint `last.ckpt` replaced: the fallback when the newest one is damaged."""
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written atomically, never with non-finite weights, read as data.
+
+    - Writes go through `distill.io.atomic_path`: a killed run never leaves a truncated
+      `.ckpt`; the `last.ckpt` being replaced is kept as `last.previous.ckpt`.
+    - A state dict holding NaN or infinite values is refused (`ConfigError`), so a good
+      checkpoint is never replaced by a diverged one.
+    - Reads (resume) unpickle with `weights_only=True`: a checkpoint cannot run code.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        with atomic_path(path) as tmp:
+        bad = [k for k, v in checkpoint.get("state_dict", {}).items()
+               if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]  # fmt: skip
+        if bad:
+            raise ConfigError(
+                f"train: step {checkpoint.get('global_step')}: {len(bad)} weight tensors hold NaN or infinite values "
+                f"(e.g. {bad[0]}); {Path(path).name} not written, the previous checkpoint is intact"
+            )
+        keep = Path(path).with_name(PREVIOUS) if Path(path).name == "last.ckpt" else None
+        with atomic_path(path, keep=keep) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
 
 
 def make_strategy(name: str) -> Any:
@@ -58,16 +81,45 @@ def metrics_csv(out: str | Path) -> Path:
     return versions[-1]
 
 
+def usable(path: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (unreadable, truncated, no weights), or None.
+
+    Cheap: the file is memory-mapped and unpickled as data, tensors are not read.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated zip, refused pickle, ...: a damaged checkpoint
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return None if isinstance(ckpt, dict) and "state_dict" in ckpt else "no state_dict"
+
+
 def resume_path(config: Config, out: Path) -> str | None:
-    """`resume: last` -> the run's newest checkpoint, if any: `checkpoints/last.ckpt` or the
-    one Lightning writes when SLURM signals a requeue (`hpc_ckpt_N.ckpt`); a path -> that file."""
+    """`resume: last` -> the run's newest usable checkpoint: `checkpoints/last.ckpt`, the one
+    it replaced (`last.previous.ckpt`), or the one Lightning writes when SLURM signals a
+    requeue (`hpc_ckpt_N.ckpt`); newest first, a damaged one skipped with a warning. A path
+    -> that file.
+
+    Raises:
+        ConfigError: A `resume` path that does not exist or cannot be read.
+    """
     if not config.resume:
         return None
     if config.resume == "last":
-        found = [p for p in [out / "checkpoints" / "last.ckpt", *out.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+        found = [p for p in [out / "checkpoints" / "last.ckpt", out / "checkpoints" / PREVIOUS, *out.glob("hpc_ckpt_*.ckpt")]
+                 if p.is_file()]  # fmt: skip
+        for candidate in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+            why = usable(candidate)
+            if why is None:
+                return str(candidate)
+            log.warning("resume: %s is damaged (%s); trying the previous checkpoint", candidate, why)
+        if found:
+            log.warning("resume: no usable checkpoint in %s; starting from scratch", out)
+        return None
     if not Path(config.resume).is_file():
         raise ConfigError(f"resume: no such checkpoint {config.resume!r}")
+    why = usable(Path(config.resume))
+    if why is not None:
+        raise ConfigError(f"resume: {config.resume!r} cannot be read: {why}")
     return config.resume
 
 
@@ -118,7 +170,7 @@ def make_trainer(config: Config, out: Path, callbacks: Sequence[pl.Callback] = (
         enable_model_summary=False,
         logger=CSVLogger(str(out), name="logs"),  # logs/version_N: a resumed run never overwrites
         callbacks=[checkpoint, *callbacks],
-        plugins=[AtomicCheckpointIO()],
+        plugins=[SafeCheckpointIO()],
         default_root_dir=str(out),
     )
     kwargs.update(overrides)
