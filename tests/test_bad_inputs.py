@@ -35,6 +35,7 @@ OVERRIDES = [  # (overrides on the tiny config, the path the one error line star
     (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps"),
     (["trainer.val_check_interval=0"], "trainer.val_check_interval"),
     (["trainer.limit_val_batches=-0.5"], "trainer.limit_val_batches"),
+    (["trainer.limit_val_batches=0.25"], "trainer.limit_val_batches"),
     (["trainer.checkpoint_every_n_steps=0"], "trainer.checkpoint_every_n_steps"),
     (["trainer.precision=17-mixed"], "trainer.precision"),
     (["trainer.strategy=dpp"], "trainer.strategy"),

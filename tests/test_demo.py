@@ -14,7 +14,8 @@ from tests.conftest import shrink
 def test_quick_demo_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--quick", "-o", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report) == {"dataset", "models"}
+    assert set(report) == {"dataset", "models", "notes"}
+    assert report["notes"][0].startswith("Distilled - alone: RSUM ") and "95% paired bootstrap interval" in report["notes"][0]
     assert [m["name"] for m in report["models"]] == ["teacher", "student_alone", "student_distilled"]
     for m in report["models"]:
         assert set(m) == {"name", "params", "rsum", "i2t", "t2i", "image_ms", "text_ms"}
@@ -22,7 +23,12 @@ def test_quick_demo_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixt
         assert 0 <= m["rsum"] <= 600 and m["params"] > 0 and m["image_ms"] > 0
     assert (tmp_path / "report.png").stat().st_size > 10_000
     assert "student_distilled" in (tmp_path / "report.md").read_text()
-    assert "| teacher |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| teacher |" in printed and "Distilled - alone: RSUM" in printed
+    assert "time per phase:" in printed and "teacher cache" in printed
+    timing = json.loads((tmp_path / "timing.json").read_text())
+    assert set(timing["phases"]) == {"data", "teacher", "student alone", "teacher cache", "student distilled", "evaluation"}
+    assert (tmp_path / "cache").is_dir() and (tmp_path / "student_alone" / "eval_test.ranks.npz").is_file()
     assert (tmp_path / "teacher" / "towers" / "towers.json").is_file()
 
 

@@ -76,9 +76,12 @@ class TrainerConfig:
     gradient_clip_val: float | None = 1.0
     log_every_n_steps: int = 10
     val_check_interval: int | None = None
-    limit_val_batches: float = 1.0
+    limit_val_batches: Any = 1.0
+    """1.0: the whole validation split; an integer n: its first n batches (0: no validation).
+    Fractions are refused: Lightning accepts none for streamed (iterable) data."""
     checkpoint_every_n_steps: int = 200
     progress_bar: bool = True
+    """Show progress: a step bar in a terminal, a status line every few steps in a log file."""
     nonfinite: str = "error"
     """A NaN or infinite loss: `error` stops the run at that step naming the edges; `skip`
     drops the step (no update), counts it as `train/nonfinite_skipped`, and stops after

@@ -139,13 +139,16 @@ def _plot(rows: Sequence[Mapping[str, Any]], path: Path, dataset: str) -> None:
         fig.savefig(tmp, dpi=110)
 
 
-def write_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, dataset: str) -> dict[str, Any]:
+def write_report(
+    rows: Sequence[Mapping[str, Any]], out_dir: Path, dataset: str, notes: Sequence[str] = ()
+) -> dict[str, Any]:
     """Write `report.json`, `report.md` and `report.png` into `out_dir` (created if needed).
 
     Args:
         rows: One row per model (see the module docstring); the first is the reference.
         out_dir: Destination folder.
         dataset: The evaluation set's name, shown in every file.
+        notes: Paragraphs shown under the table (and kept in `report.json`).
 
     Returns:
         The content of `report.json`: `{"dataset": dataset, "models": rows}`.
@@ -156,7 +159,7 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, dataset: str)
     _check_rows(rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"dataset": dataset, "models": [dict(row) for row in rows]}
+    report = {"dataset": dataset, "models": [dict(row) for row in rows], "notes": list(notes)}
     write_json(out_dir / "report.json", report)
     md = [
         f"# Retrieval report: {dataset}",
@@ -166,6 +169,7 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, dataset: str)
         f"Recall in percent; latency in ms per item on the CPU. Params × and Speed-up are "
         f"relative to {rows[0]['name']} (speed-up over encoding one image and one caption).",
         "",
+        *(line for note in notes for line in (note, "")),
         "![report](report.png)",
         "",
     ]

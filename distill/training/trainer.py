@@ -21,6 +21,7 @@ from distill.errors import ConfigError
 from distill.io import atomic_path
 from distill.training.datamodule import DistillDataModule
 from distill.training.module import DistillModule
+from distill.training.progress import StepProgress
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +165,12 @@ def make_trainer(config: Config, out: Path, callbacks: Sequence[pl.Callback] = (
         log_every_n_steps=t.log_every_n_steps,
         check_val_every_n_epoch=None,
         val_check_interval=t.val_check_interval or t.max_steps,
-        limit_val_batches=t.limit_val_batches,
+        limit_val_batches=1.0 if t.limit_val_batches == 1.0 else int(t.limit_val_batches),
         num_sanity_val_steps=0,
-        enable_progress_bar=t.progress_bar,
+        enable_progress_bar=False,  # StepProgress counts the run's steps instead of epochs
         enable_model_summary=False,
         logger=CSVLogger(str(out), name="logs"),  # logs/version_N: a resumed run never overwrites
-        callbacks=[checkpoint, *callbacks],
+        callbacks=[checkpoint, *([StepProgress()] if t.progress_bar else []), *callbacks],
         plugins=[SafeCheckpointIO()],
         default_root_dir=str(out),
     )
