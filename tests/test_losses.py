@@ -550,3 +550,28 @@ if __name__ == "__main__":
     GOLDEN.parent.mkdir(parents=True, exist_ok=True)
     GOLDEN.write_text(json.dumps(build_golden(), indent=1) + "\n")
     print(f"wrote {GOLDEN}")
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_similarity_kl_exclude_self_leaves_same_image_pairs_out(seed):
+    """The same KL, written out over the pairs of different images only (rows and columns)."""
+    sa, _, ta, _ = seeded_inputs(seed)
+    ids = DUP_IDS
+    kwargs = {"student_temperature": 0.05, "teacher_temperature": 0.1, "columns": True}
+    got = run_loss("similarity_kl", {**kwargs, "exclude_self": True}, [sa, sa, ta, ta], ids).item()
+    s, t = _sim(to_lists(sa), to_lists(sa)), _sim(to_lists(ta), to_lists(ta))
+
+    def kl(t_rows, s_rows):
+        total = 0.0
+        for i, (t_row, s_row) in enumerate(zip(t_rows, s_rows)):
+            keep = [j for j in range(len(t_row)) if ids[j] != ids[i]]
+            lt = [t_row[j] / 0.1 for j in keep]
+            ls = [s_row[j] / 0.05 for j in keep]
+            zt, zs = math.log(sum(math.exp(x) for x in lt)), math.log(sum(math.exp(x) for x in ls))
+            total += sum(math.exp(x - zt) * ((x - zt) - (y - zs)) for x, y in zip(lt, ls))
+        return total / len(t_rows)
+
+    want = 0.5 * (kl(t, s) + kl(_transpose(t), _transpose(s)))
+    assert _close(got, want), (got, want)
+    plain = run_loss("similarity_kl", kwargs, [sa, sa, ta, ta], ids).item()
+    assert not _close(plain, want)  # the diagonal does change the value

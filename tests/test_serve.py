@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -22,27 +21,17 @@ from distill.deploy.search_index import SearchIndex, index_images, save_search_i
 from distill.deploy.serve import MAX_QUERY, SearchServer, make_server
 from distill.deploy.sources import parse_source
 from distill.errors import ConfigError
+from tests.test_search import ColourEmbedder
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 
 
-class StubEmbedder:
-    """An image is its mean RGB, a text the sum of the colours it names; its description
-    holds an absolute path, like a checkpoint's does."""
-
-    embed_dim = 3
+class StubEmbedder(ColourEmbedder):
+    """The colour embedder of tests/test_search.py, whose description holds an absolute
+    path, like a checkpoint's does."""
 
     def __init__(self, path: str = "/nowhere/stub.ckpt") -> None:
         self.path = path
-
-    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
-        rows = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32).mean((0, 1)) + 1e-3 for im in images])
-        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
-
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
-        rows = np.stack([sum((np.array(c, np.float32) for w, c in COLOURS.items() if w in t), np.full(3, 1e-3, np.float32))
-                         for t in texts])  # fmt: skip
-        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
     def describe(self) -> str:
         return f"checkpoint {self.path} model student (Stub, dim 3, torch)"

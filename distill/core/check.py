@@ -77,6 +77,19 @@ def load_plugins(modules: list[str]) -> list[str]:
     return problems
 
 
+def _registered(registry: Any, name: str, path: str, field: str, args: Any, problems: list[str]) -> tuple[Any, bool]:
+    """(the class `name` names in `registry`, whether `args` fit its signature); the problems
+    of both, at `<path>.<field>` and `<path>.args`, are appended to `problems`."""
+    try:
+        cls = registry.get(name, f"{path}.{field}")
+    except ConfigError as e:
+        problems.extend(e.problems)
+        return None, False
+    arg_problems = check_kwargs(cls, dict(args), f"{path}.args", f"{registry.kind} {name!r}")
+    problems.extend(arg_problems)
+    return cls, not arg_problems
+
+
 def model_nodes(config: Config, problems: list[str]) -> dict[str, int]:
     """Node name -> dimension for every model whose type and args check out."""
     nodes: dict[str, int] = {}
@@ -84,14 +97,8 @@ def model_nodes(config: Config, problems: list[str]) -> dict[str, int]:
         path = f"models.{name}"
         if model.precision not in PRECISIONS:
             problems.append(f"{path}.precision: expected one of {PRECISIONS}, got {model.precision!r}")
-        try:
-            cls = MODELS.get(model.type, f"{path}.type")
-        except ConfigError as e:
-            problems.extend(e.problems)
-            continue
-        arg_problems = check_kwargs(cls, dict(model.args), f"{path}.args", f"model {model.type!r}")
-        problems.extend(arg_problems)
-        if arg_problems:
+        cls, args_ok = _registered(MODELS, model.type, path, "type", model.args, problems)
+        if not args_ok:
             continue
         try:
             dims = cls.describe(**model.args)
@@ -107,13 +114,9 @@ def _check_edge(
     name: str, edge: Any, nodes: dict[str, int], frozen: set[str], broken: set[str], problems: list[str]
 ) -> None:
     path = f"edges.{name}"
-    try:
-        cls = LOSSES.get(edge.loss, f"{path}.loss")
-    except ConfigError as e:
-        problems.extend(e.problems)
+    cls, args_ok = _registered(LOSSES, edge.loss, path, "loss", edge.args, problems)
+    if cls is None:
         return
-    arg_problems = check_kwargs(cls, dict(edge.args), f"{path}.args", f"loss {edge.loss!r}")
-    problems.extend(arg_problems)
     if len(edge.inputs) != len(cls.inputs):
         problems.append(
             f"{path}.inputs: loss {edge.loss!r} takes {len(cls.inputs)} inputs "
@@ -131,7 +134,7 @@ def _check_edge(
             problems.append(
                 f"{path}.inputs[{i}]: unknown node {node!r}; {hint}nodes: {', '.join(sorted(nodes))}"
             )
-    if not known or arg_problems:
+    if not known or not args_ok:
         return
     for i, (slot, node) in enumerate(zip(cls.inputs, edge.inputs)):
         if (slot == "pair") != node.endswith(".pair"):  # a fused model's pair scorer is no embedding
@@ -287,13 +290,7 @@ def check(config: Config, *, data: bool = False) -> list[str]:
         p.startswith(f"models.{config.eval.model}") for p in problems
     ):
         problems.append(f"eval.model: model {config.eval.model!r} has no image and text outputs")
-    try:
-        dataset_cls = DATASETS.get(config.data.dataset, "data.dataset")
-        problems.extend(
-            check_kwargs(dataset_cls, dict(config.data.args), "data.args", f"dataset {config.data.dataset!r}")
-        )
-    except ConfigError as e:
-        problems.extend(e.problems)
+    _registered(DATASETS, config.data.dataset, "data", "dataset", config.data.args, problems)
     if config.data.captions_per_image not in ("all", "random"):
         problems.append(
             f"data.captions_per_image: expected 'all' or 'random', got {config.data.captions_per_image!r}"

@@ -70,7 +70,8 @@ class StepProgress(pl.Callback):
             self.bar.refresh()
             return
         now = time.perf_counter()
-        if s["step"] % self.every == 0 or now - self.last_line >= self.seconds or s["step"] == s["total"]:
+        due = s["step"] % self.every == 0 and now - self.last_line >= 2.0  # not twice in a row
+        if due or now - self.last_line >= self.seconds or s["step"] == s["total"]:
             self.last_line = now
             print(f"step {s['step']}/{s['total']}  loss {s['loss']:.4f}  {s['per_step']:.2f} s/step  "
                   f"ETA {duration(s['left'])}", flush=True)  # fmt: skip

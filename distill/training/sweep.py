@@ -45,6 +45,8 @@ from distill.errors import ConfigError
 from distill.eval.ablation import write_ablation
 from distill.eval.evaluate import evaluate_ranks, load_ranks, save_evaluation
 from distill.eval.stats import METRICS
+from distill.training.cache.build import fill_cache
+from distill.training.cache.store import cache_plan
 from distill.training.checkpoint import load_checkpoint
 from distill.training.stages import train
 
@@ -236,6 +238,9 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, seeds: list[int]
     configs = variant_configs(sweep, extra, seeds)
     out = Path(sweep.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for config in configs.values():  # the teachers' outputs once for every run (a no-op when cached)
+        if config.cache.mode != "never" and cache_plan(config) and not (Path(config.output_dir) / "metrics.json").is_file():
+            fill_cache(config, batch_size=config.data.eval_batch_size)
     for i, ((name, seed), config) in enumerate(configs.items()):
         label = name if seed is None else f"{name} seed {seed}"
         if (Path(config.output_dir) / "metrics.json").is_file():
