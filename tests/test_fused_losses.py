@@ -155,3 +155,34 @@ def test_frozen_scorer_memoises_pairs_across_calls() -> None:
 def test_fused_kl_bad_arguments(args: dict, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         LOSSES.get("fused_kl")(**args)
+
+
+@pytest.mark.parametrize("alpha,columns", [(0.4, True), (1.0, False), (0.0, True)])
+def test_fused_kl_feature_level_mix_matches_written_out_formula(alpha: float, columns: bool) -> None:
+    """mix: feature: teacher features [sqrt(1-a) t_i ; sqrt(a) f_i] with f_i the aligned pair's
+    fused feature; the KL is over all pairs and reads only the B aligned pairs."""
+    b, d = 5, 8
+    ids = torch.tensor([0, 1, 2, 3, 4])
+    si, st, ti, tt = (embeddings(b, d, s) for s in range(4))
+    feats = torch.randn(b, b, 6, generator=torch.Generator().manual_seed(7))
+    calls: list[int] = []
+    loss_fn = LOSSES.get("fused_kl")(mix="feature", alpha=alpha, student_temperature=0.1, teacher_temperature=0.07,
+                                     columns=columns)
+    got = loss_fn(si, st, ti, tt, table_scorer(torch.zeros(b, b), feats, calls), ctx=EdgeContext(image_ids=ids))
+    f = [F.normalize(feats[i, i], dim=0) for i in range(b)]
+
+    def kl(s_rows, t_rows):  # noqa: ANN001
+        total = 0.0
+        for srow, trow in zip(s_rows, t_rows):
+            zs = math.log(sum(math.exp(x) for x in srow))
+            zt = math.log(sum(math.exp(x) for x in trow))
+            total += sum(math.exp(y - zt) * ((y - zt) - (x - zs)) for x, y in zip(srow, trow))
+        return total / len(s_rows)
+
+    s = [[float(si[i] @ st[j]) / 0.1 for j in range(b)] for i in range(b)]
+    t = [[((1 - alpha) * float(ti[i] @ tt[j]) + alpha * float(f[i] @ f[j])) / 0.07 for j in range(b)] for i in range(b)]
+    want = kl(s, t)
+    if columns:
+        want = 0.5 * (want + kl([list(c) for c in zip(*s)], [list(c) for c in zip(*t)]))
+    assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert sum(calls) == (b if alpha > 0 else 0)  # only the aligned pairs, none at alpha = 0

@@ -36,7 +36,7 @@ from distill.losses.ensemble import kl_to_mixture
 from distill.models.fusion import PairScorer
 from distill.registry import LOSSES
 
-MIXES = ("prob", "logit")
+MIXES = ("prob", "logit", "feature")
 _SLOTS = ("student_image", "student_text", "teacher_image", "teacher_text", "pair")
 
 
@@ -91,7 +91,17 @@ class FusedKL(EdgeLoss):
         L_rows = mean_i KL(P_i || softmax(S_i)),   P = mixed_targets(S', F, C)
 
     and with `columns: true` the same for caption rows (S^T, S'^T, candidates taken per
-    column), averaged with the rows. `alpha = 0` is ConaCLIP's similarity KL
+    column), averaged with the rows.
+
+    `mix: feature` is the feature-level reading of MCAD's abstract ("fused features are
+    incorporated into the dual teacher's image and text features, from which the modified
+    similarity distributions are formed"): each row's teacher features become
+    u^v_i = [sqrt(1 - alpha) t^v_i ; sqrt(alpha) f_i] and u^w_i likewise, with f_i the unit
+    fused feature of the aligned pair (image i, caption i), so that
+
+        S~_ij = u^v_i . u^w_j = (1 - alpha) t^v_i . t^w_j + alpha f_i . f_j,   P = softmax(S~ / tau_t)
+
+    over all B x B pairs from B fused passes (no candidates, k is unused). `alpha = 0` is ConaCLIP's similarity KL
     (`similarity_kl`); `alpha = 1` with `mix: prob` distils the fused teacher alone over
     the candidates. Computed on each rank's local rows (the scorer holds local inputs).
 
@@ -115,8 +125,8 @@ class FusedKL(EdgeLoss):
         super().__init__()
         if mix not in MIXES:
             raise ArgumentError("mix", f"mix must be one of {MIXES}, got {mix!r}")
-        if not 0.0 <= alpha <= 1.0 and mix == "prob":
-            raise ArgumentError("alpha", f"alpha must be in [0, 1] with mix: prob, got {alpha}")
+        if not 0.0 <= alpha <= 1.0 and mix in ("prob", "feature"):
+            raise ArgumentError("alpha", f"alpha must be in [0, 1] with mix: {mix}, got {alpha}")
         if alpha < 0 or k < 0:
             raise ValueError(f"alpha and k must be >= 0, got alpha={alpha}, k={k}")
         for name, value in (("student_temperature", student_temperature),
@@ -132,6 +142,8 @@ class FusedKL(EdgeLoss):
                 pair: PairScorer, *, ctx: EdgeContext) -> Tensor:
         ids = ctx.image_ids
         s = as_float(student_image) @ as_float(student_text).t() / self.tau_s
+        if self.mix == "feature":
+            return self.feature_level(s, teacher_image, teacher_text, pair)
         with torch.no_grad():
             t = as_float(teacher_image) @ as_float(teacher_text).t() / self.tau_t
             rows = candidate_mask(t, ids, self.k)
@@ -146,6 +158,19 @@ class FusedKL(EdgeLoss):
                 target_c = mixed_targets(t.t(), fused.t().masked_fill(~cols.t(), float("-inf")), cols.t(), **kw)
             loss = 0.5 * (loss + kl_to_mixture(target_c, s.t()))
         return loss
+
+
+    def feature_level(self, s: Tensor, teacher_image: Tensor, teacher_text: Tensor, pair: PairScorer) -> Tensor:
+        """`mix: feature`: KL to softmax of the feature-mixed teacher similarities (see above)."""
+        with torch.no_grad():
+            t = as_float(teacher_image) @ as_float(teacher_text).t()
+            if self.alpha > 0:  # alpha = 0 reads nothing from the fused teacher: skip its passes
+                rows = torch.arange(len(teacher_image), device=teacher_image.device)
+                f = F.normalize(as_float(pair.features(rows, rows).to(t.device)), dim=-1)
+                t = (1.0 - self.alpha) * t + self.alpha * (f @ f.t())
+            t = t / self.tau_t
+        loss = kl_to_mixture(t.softmax(-1), s)
+        return 0.5 * (loss + kl_to_mixture(t.t().softmax(-1), s.t())) if self.columns else loss
 
 
 @LOSSES.register("fused_feature")
