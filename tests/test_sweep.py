@@ -115,3 +115,7 @@ def test_sweep_end_to_end_and_resumable(tiny_yaml: Path, tmp_path: Path, capsys:
     assert main(["sweep", str(path), "--seeds", "0", "1"]) == 0
     assert capsys.readouterr().out.count("finished, skipped") == 4
     assert not (out / "full" / "seed0" / "logs" / "version_1").exists()
+    # another budget under the same folders would mix two experiments: refused, one line a run
+    assert main(["sweep", str(path), "trainer.max_steps=3", "--seeds", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("was run with another config (trainer.max_steps 2 -> 3" in line for line in err), err

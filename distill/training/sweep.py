@@ -38,7 +38,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from distill.config.load import read_yaml
+from distill.config.load import read_yaml, to_dict
 from distill.config.schema import Config
 from distill.core.check import load_checked
 from distill.errors import ConfigError
@@ -232,10 +232,46 @@ def evaluate_variant(config: Config, split: str) -> tuple[dict[str, float], dict
     return metrics, ranks
 
 
+IGNORED = ("trainer.progress_bar",)
+"""Settings a run folder may change between sweeps without making its results another run's."""
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def changed_runs(configs: dict[tuple[str, int | None], Config]) -> list[str]:
+    """One line per run folder that was started with another config than this sweep's for it
+    (a changed budget or override): resuming or skipping it would mix two experiments."""
+    problems = []
+    for (name, seed), config in configs.items():
+        saved = Path(config.output_dir) / "config.yaml"
+        if not saved.is_file():
+            continue
+        before, now = _flat(OmegaConf.to_container(OmegaConf.load(saved))), _flat(to_dict(config))
+        diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k not in IGNORED]
+        if diff:
+            shown = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in diff[:3])
+            more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+            label = name if seed is None else f"{name} seed {seed}"
+            problems.append(f"{config.output_dir}: {label} was run with another config ({shown}{more}); delete the "
+                            "folder to rerun it, or give the sweep another output_dir")  # fmt: skip
+    return problems
+
+
 def run_sweep(path: str | Path, extra: list[str] | None = None, seeds: list[int] | None = None) -> Path:
-    """`distill sweep`: fit the missing runs, evaluate all, write the table; see above."""
+    """`distill sweep`: fit the missing runs, evaluate all, write the table; see above.
+
+    Raises:
+        ConfigError: A bad sweep or variant, or a run folder started with another config.
+    """
     sweep = load_sweep(path)
     configs = variant_configs(sweep, extra, seeds)
+    changed = changed_runs(configs)
+    if changed:
+        raise ConfigError(changed)
     out = Path(sweep.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for config in configs.values():  # the teachers' outputs once for every run (a no-op when cached)
