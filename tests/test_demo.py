@@ -14,7 +14,8 @@ from tests.conftest import shrink
 def test_quick_demo_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--quick", "-o", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report) == {"dataset", "models", "notes"}
+    assert set(report) == {"dataset", "models", "notes", "distilled_vs_alone"}
+    assert report["distilled_vs_alone"]["metric"] == "rsum"
     assert report["notes"][0].startswith("Distilled - alone: RSUM ") and "95% paired bootstrap interval" in report["notes"][0]
     assert [m["name"] for m in report["models"]] == ["teacher", "student_alone", "student_distilled"]
     for m in report["models"]:

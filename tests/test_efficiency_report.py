@@ -100,8 +100,8 @@ def test_format_table_relative_columns() -> None:
 def test_write_report(tmp_path: Path) -> None:
     out = write_report(rows(), tmp_path / "out", "coco_5k")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report == out == {"dataset": "coco_5k", "models": rows()}
-    assert list(report) == ["dataset", "models"]
+    assert report == out == {"dataset": "coco_5k", "models": rows(), "notes": []}
+    assert list(report) == ["dataset", "models", "notes"]
     md = (tmp_path / "out" / "report.md").read_text()
     assert "teacher_clip" in md and "student_tiny" in md and "coco_5k" in md
     png = (tmp_path / "out" / "report.png").read_bytes()
