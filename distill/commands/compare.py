@@ -12,6 +12,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from distill.errors import ConfigError
 from distill.eval.ablation import difference_line
 from distill.eval.evaluate import evaluate_ranks, load_ranks, save_evaluation
@@ -54,10 +56,9 @@ def run(args: argparse.Namespace) -> int:
     common = [s for s in a if s in b] if set(a) != {""} or set(b) != {""} else [""]
     if not common:
         raise ConfigError(f"{args.b}: no seed in common with {args.a} ({', '.join(a)} vs {', '.join(b)})")
-    for name, side in (("A", a), ("B", b)):
-        for label in common:
-            if list(side[label]["text_image_ids"]) != list((a if name == "B" else b)[label]["text_image_ids"]):
-                raise ConfigError(f"{name}: evaluated on other queries than the other side; use the same --split and data")
+    for label in common:
+        if not np.array_equal(a[label].get("text_image_ids", ()), b[label].get("text_image_ids", ())):
+            raise ConfigError(f"{args.b}: evaluated on other queries than {args.a}; use the same --split and data")
     try:
         diffs = compare_runs([a[s] for s in common], [b[s] for s in common], draws=args.draws, seed=args.seed)
     except ValueError as e:

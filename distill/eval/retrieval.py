@@ -70,12 +70,7 @@ def retrieval_metrics(
     img, txt = _check_embeddings(image_emb, image_ids, text_emb, text_image_ids)
     caption_image = _caption_image_index(image_ids, text_image_ids)
     i2t_rank, t2i_rank = _ranks(img, txt, caption_image, chunk_size, max(ks))
-    out: dict[str, float] = {}
-    for name, rank in (("i2t", i2t_rank), ("t2i", t2i_rank)):
-        for k in ks:
-            out[f"{name}_r{k}"] = 100.0 * int((rank < k).sum()) / rank.numel()
-    out["rsum"] = sum(out.values())
-    return out
+    return recalls_from_ranks({"i2t": i2t_rank, "t2i": t2i_rank}, ks)
 
 
 def retrieval_ranks(
@@ -184,9 +179,8 @@ def _ranks(
     positives = order[ptr[:-1]].unsqueeze(1).repeat(1, int(counts.max()))
     positives[caption_image[order], slot] = order
 
-    if max_k is None:
-        return _exact_ranks(img, txt, caption_image, chunk_size, positives, order, ptr)
-    i2t_k, t2i_k = min(max_k, t), min(max_k, n)
+    exact = max_k is None
+    i2t_k, t2i_k = (t, n) if exact else (min(max_k, t), min(max_k, n))
     t2i_top = torch.full((t2i_k, t), float("-inf"), device=img.device)
     t2i_pos = torch.empty(t, device=img.device)
     i2t_rank = torch.empty(n, dtype=torch.long, device=img.device)
@@ -194,29 +188,15 @@ def _ranks(
         end = min(start + chunk_size, n)
         block = img[start:end] @ txt.T  # (c, T)
         best = block.gather(1, positives[start:end]).amax(1, keepdim=True)
-        # topk + compare is several times faster than (block > best).sum(1) on CPU.
-        i2t_rank[start:end] = (block.topk(i2t_k, dim=1).values > best).sum(1)
+        # topk + compare is several times faster than (block > best).sum(1) on CPU, when capped.
+        i2t_rank[start:end] = (block > best).sum(1) if exact else (block.topk(i2t_k, dim=1).values > best).sum(1)
         mine = order[ptr[start] : ptr[end]]
         t2i_pos[mine] = block[caption_image[mine] - start, mine]
-        block_top = block.topk(min(t2i_k, end - start), dim=0).values
-        t2i_top = torch.cat([t2i_top, block_top]).topk(t2i_k, dim=0).values
-    t2i_rank = (t2i_top > t2i_pos).sum(0)
-    return i2t_rank, t2i_rank
-
-
-def _exact_ranks(
-    img: Tensor, txt: Tensor, caption_image: Tensor, chunk_size: int, positives: Tensor, order: Tensor, ptr: Tensor
-) -> tuple[Tensor, Tensor]:
-    n, t = img.shape[0], txt.shape[0]
-    t2i_pos = torch.empty(t, device=img.device)
-    i2t_rank = torch.empty(n, dtype=torch.long, device=img.device)
-    for start in range(0, n, chunk_size):
-        end = min(start + chunk_size, n)
-        block = img[start:end] @ txt.T
-        best = block.gather(1, positives[start:end]).amax(1, keepdim=True)
-        i2t_rank[start:end] = (block > best).sum(1)
-        mine = order[ptr[start] : ptr[end]]
-        t2i_pos[mine] = block[caption_image[mine] - start, mine]
+        if not exact:
+            block_top = block.topk(min(t2i_k, end - start), dim=0).values
+            t2i_top = torch.cat([t2i_top, block_top]).topk(t2i_k, dim=0).values
+    if not exact:
+        return i2t_rank, (t2i_top > t2i_pos).sum(0)
     t2i_rank = torch.zeros(t, dtype=torch.long, device=img.device)
     for start in range(0, n, chunk_size):  # the same blocks again, now that every positive is known
         block = img[start : min(start + chunk_size, n)] @ txt.T

@@ -87,7 +87,8 @@ class DistillModule(pl.LightningModule):
 
     def nonfinite(self, out: dict[str, Tensor]) -> bool:
         """True when this step's loss is NaN or infinite on any rank (all ranks agree, so
-        they stop or skip together)."""
+        they stop or skip together). One scalar read per step: on a GPU a host sync, which
+        the step's loss logging already costs."""
         bad = (~torch.isfinite(out["loss"].detach())).float().reshape(1)
         if world_size() > 1:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
