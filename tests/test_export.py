@@ -88,7 +88,10 @@ def test_onnx_export_folder_and_parity(onnx_folder: Path, checkpoint: Path) -> N
     manifest = json.loads((onnx_folder / "manifest.json").read_text())
     assert set(manifest) == MANIFEST_KEYS
     assert manifest["format"] == "onnx" and manifest["model"] == "student" and manifest["embed_dim"] == 16
-    assert manifest["image"] == {"file": "image.onnx", "size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert manifest["image"] == {
+        "file": "image.onnx", "size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "shortest",
+        "resize_size": None, "crop": True, "interpolation": "bicubic", "backend": "pil", "fill": 0, "floor_crop": False,
+    }
     assert manifest["text"] == {"file": "text.onnx", "max_length": 24, "quantized": None}
     assert manifest["source"] == str(checkpoint.resolve()) and manifest["weights"] is None
     assert (onnx_folder / "tokenizer" / "tokenizer.json").is_file()
@@ -103,8 +106,14 @@ def test_runtime_matches_pytorch_on_unseen_shapes(onnx_folder: Path, checkpoint:
     model = ExportedModel(onnx_folder, threads=1)
     images = _odd_images()
     pre = encoder.image_preprocess()
+    from torchvision.transforms import functional as F  # the pipeline the defaults reproduce
+
+    def torchvision_pixels(im):
+        im = F.resize(im.convert("RGB"), pre.size, interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+        return F.normalize(F.to_tensor(F.center_crop(im, [pre.size, pre.size])), list(pre.mean), list(pre.std))
+
     np.testing.assert_array_equal(
-        preprocess_images(images, pre.size, pre.mean, pre.std), torch.stack([pre(im) for im in images]).numpy()
+        preprocess_images(images, pre), torch.stack([torchvision_pixels(im) for im in images]).numpy()
     )
     texts = ["a red circle", "two small blue squares to the left of a large green triangle", "x " * 40]
     with torch.inference_mode():

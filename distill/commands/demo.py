@@ -67,8 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
 def latency(encoder: Encoder, config: Config, repeats: int) -> dict[str, float]:
     """Per-item encode latency (ms, CPU, median of repeats) on a batch of 32 test items."""
-    size = encoder.image_preprocess().size
-    pixels = torch.randn(32, 3, size, size)
+    pixels = torch.randn(32, 3, *encoder.image_preprocess().out_size)
     captions = ["two small red circles left of a large blue square near the top"] * 32
     return encode_latency_ms(encoder.cpu(), pixels, encoder.text_preprocess()(captions), repeats=repeats)
 

@@ -89,12 +89,12 @@ def _checkpoint_target(path: Path, model: str | None, modules: dict[Path, Any]) 
     name, encoder = pick_encoder(modules[path], model, path)
     image_pre, text_pre = encoder.image_preprocess(), encoder.text_preprocess()
     with torch.inference_mode():
-        dim = int(encoder.encode_image(torch.zeros(1, 3, image_pre.size, image_pre.size)).shape[-1])
+        dim = int(encoder.encode_image(torch.zeros(1, 3, *image_pre.out_size)).shape[-1])
     with tempfile.TemporaryDirectory() as tmp:  # the size of this model's weights alone, as a file
         save_model(encoder, f"{tmp}/weights.safetensors")
         size = file_size_mb(f"{tmp}/weights.safetensors")
     return Target(
-        name=f"{path.parent.name}:{name}", kind="checkpoint", encoder=encoder, image_size=image_pre.size,
+        name=f"{path.parent.name}:{name}", kind="checkpoint", encoder=encoder, image_size=image_pre.out_size[0],
         embed_dim=dim, params=count_parameters(encoder), size_mb=size, tokenize=text_pre,
     )
 

@@ -1,7 +1,7 @@
 """`distill export`: one model of a checkpoint as a self-contained inference folder.
 
 ```
-DIR/manifest.json       format, model, embed_dim, image {file, size, mean, std},
+DIR/manifest.json       format, model, embed_dim, image {file, size, mean, std, resize, ...: distill.pixels.PixelSpec},
                         text {file, max_length, quantized}, tokenizer, source, parity, weights
 DIR/image.onnx, text.onnx   (image.pt, text.pt for TorchScript): graph and weights in one file
 DIR/tokenizer/          the Hugging Face tokenizer (save_pretrained)
@@ -223,7 +223,7 @@ def _export(
         "format": fmt,
         "model": name,
         "embed_dim": embed_dim,
-        "image": {"file": image_file, "size": image_pre.size, "mean": list(image_pre.mean), "std": list(image_pre.std)},
+        "image": {"file": image_file, **image_pre.to_dict()},
         "text": {"file": text_file, "max_length": text_pre.max_length, "quantized": None},
         "tokenizer": "tokenizer",
         "source": None,

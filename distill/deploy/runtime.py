@@ -3,8 +3,8 @@
 The folder holds `manifest.json`, the two encoders (`image.onnx` + `text.onnx`, or
 `image.pt` + `text.pt` for TorchScript) and `tokenizer/`. `ExportedModel` turns PIL images
 and caption strings into L2-normalised float32 embeddings, with the same preprocessing
-as training (`distill.models.base.ImagePreprocess` and `TextPreprocess`), reproduced here
-with PIL and numpy so that ONNX inference needs no torch.
+as training (`distill.pixels.PixelSpec`, PIL and numpy, so that ONNX inference needs no torch,
+and `TextPreprocess`'s tokenizer call).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from distill.errors import ConfigError
+from distill.pixels import PixelSpec
 
 MANIFEST = "manifest.json"
 
@@ -43,31 +44,15 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def preprocess_images(images: Sequence[Any], size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """PIL images (or image paths) -> (N, 3, size, size) float32, exactly as `ImagePreprocess`.
-
-    Shorter side resized to `size` (bicubic, PIL's antialiasing), centre crop, scale to
-    [0, 1], normalise per channel: the same PIL calls and float32 arithmetic as torchvision's
-    `resize`, `center_crop`, `to_tensor` and `normalize` on a PIL image.
-    """
-    mean32 = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
-    std32 = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
-    out = np.empty((len(images), 3, size, size), dtype=np.float32)
+def preprocess_images(images: Sequence[Any], spec: PixelSpec) -> np.ndarray:
+    """PIL images (or image paths) -> (N, 3, H, W) float32, exactly as training preprocessed
+    them (`PixelSpec.to_array`: the same PIL calls and float32 arithmetic)."""
+    out = np.empty((len(images), 3, *spec.out_size), dtype=np.float32)
     for i, image in enumerate(images):
         if not isinstance(image, Image.Image):
             with Image.open(image) as opened:
                 image = opened.convert("RGB")
-        image = image.convert("RGB")
-        w, h = image.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = size, int(size * long / short)
-        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-        image = image.crop((left, top, left + size, top + size))
-        pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / 255
-        out[i] = (pixels - mean32) / std32
+        out[i] = spec.to_array(image)
     return out
 
 
@@ -131,7 +116,8 @@ class ExportedModel:
         missing = [f for f in (image["file"], text["file"], self.manifest["tokenizer"]) if not (self.folder / f).exists()]
         if missing:
             raise ConfigError(f"export folder {str(folder)!r} lacks {', '.join(missing)}")
-        self.size, self.mean, self.std = int(image["size"]), image["mean"], image["std"]
+        self.pixels = PixelSpec.from_dict(image)
+        self.size = self.pixels.out_size[0]
         self.max_length = int(text["max_length"])
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder / self.manifest["tokenizer"]))
         fmt = self.manifest["format"]
@@ -147,7 +133,7 @@ class ExportedModel:
 
     def preprocess_images(self, images: Sequence[Any]) -> np.ndarray:
         """(N, 3, size, size) float32 pixel values, as the image encoder reads them."""
-        return preprocess_images(images, self.size, self.mean, self.std)
+        return preprocess_images(images, self.pixels)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """`input_ids` and `attention_mask`, (N, L) int64, padded to the longest caption."""

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.errors import ConfigError
+from distill.pixels import from_hf_processor
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_TOKENIZER = str(ASSETS / "tokenizer")
@@ -40,3 +41,12 @@ def load_tokenizer(name: str | None) -> Any:
     from transformers import AutoTokenizer  # transformers: heavy, imported when a model loads
 
     return load_pretrained(AutoTokenizer, name or DEFAULT_TOKENIZER, "tokenizer")
+
+
+def load_image_spec(name: str) -> Any:
+    """The `PixelSpec` of a model's own image processor (resize mode, filter, crop, mean, std,
+    and the library's arithmetic: `distill.pixels.from_hf_processor`)."""
+    from transformers import AutoImageProcessor  # transformers: heavy, imported when a model loads
+
+    processor = load_pretrained(AutoImageProcessor, name, "image processor")
+    return from_hf_processor(processor, f"image processor of {name!r}")

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.batch import ModelInputs
+from distill.pixels import PixelSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -23,29 +24,21 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
-class ImagePreprocess:
-    """How a model wants its images: resize the shorter side, centre crop, normalise."""
+class ImagePreprocess(PixelSpec):
+    """How a model wants its images (`distill.pixels.PixelSpec`: resize mode, filter, crop,
+    normalisation, each library's arithmetic), as a callable for the data pipeline. The
+    defaults are this project's own: shorter side resized (bicubic), centre crop, ImageNet
+    statistics."""
 
-    size: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     deterministic: ClassVar[bool] = True
     """False in a subclass that augments (random crops, flips): its model's outputs then
     differ per epoch and `distill.training.cache.store` refuses to cache them."""
 
-    def key(self) -> tuple:
-        """Identity used to share one preprocessed tensor among models that agree."""
-        return ("image", self.size, tuple(self.mean), tuple(self.std))
-
     def __call__(self, image: Any) -> Tensor:
-        """PIL image -> (3, size, size) float tensor."""
-        # torchvision: heavy, imported when preprocessing first runs
-        from torchvision.transforms import functional as F
-
-        image = image.convert("RGB")
-        image = F.resize(image, self.size, interpolation=F.InterpolationMode.BICUBIC, antialias=True)
-        image = F.center_crop(image, [self.size, self.size])
-        return F.normalize(F.to_tensor(image), list(self.mean), list(self.std))
+        """PIL image -> (3, H, W) float tensor."""
+        return torch.from_numpy(self.to_array(image))
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from torch import Tensor
 
 from distill.batch import ModelInputs
 from distill.errors import ConfigError
-from distill.models._hf import load_pretrained
-from distill.models.base import CLIP_MEAN, CLIP_STD, Encoder, ImagePreprocess, TextPreprocess
+from distill.models._hf import load_image_spec, load_pretrained
+from distill.models.base import Encoder, ImagePreprocess, TextPreprocess
 from distill.models.fusion import PairScorer
 from distill.registry import MODELS
 
@@ -38,18 +38,13 @@ class BlipITM(Encoder):
     def __init__(self, *, path: str, max_length: int = 35, chunk_size: int = 64) -> None:
         super().__init__()
         from transformers import (  # transformers: heavy, imported when a model loads
-            AutoImageProcessor,
             AutoTokenizer,
             BlipForImageTextRetrieval,
         )
 
         self.model = load_pretrained(BlipForImageTextRetrieval, path, "BLIP model")
         self.tokenizer = load_pretrained(AutoTokenizer, path, "tokenizer")
-        processor = load_pretrained(AutoImageProcessor, path, "image processor")
-        size = getattr(processor, "size", None) or {}
-        self.image_size = int(size.get("height") or size.get("shortest_edge") or 384)
-        self.mean = tuple(getattr(processor, "image_mean", None) or CLIP_MEAN)
-        self.std = tuple(getattr(processor, "image_std", None) or CLIP_STD)
+        self.pixels = load_image_spec(path)  # the processor's own resize, crop and statistics
         self.max_length = min(max_length, self.model.config.text_config.max_position_embeddings)
         self.chunk_size = chunk_size
 
@@ -65,7 +60,7 @@ class BlipITM(Encoder):
         return {"pair": int(config.text_config.hidden_size)}
 
     def image_preprocess(self) -> ImagePreprocess:
-        return ImagePreprocess(size=self.image_size, mean=self.mean, std=self.std)
+        return ImagePreprocess(**vars(self.pixels))
 
     def text_preprocess(self) -> TextPreprocess:
         return TextPreprocess(tokenizer=self.tokenizer, max_length=self.max_length)

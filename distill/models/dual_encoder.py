@@ -15,9 +15,21 @@ from distill.io import atomic_folder
 from distill.models._hf import check_source, load_pretrained, load_tokenizer
 from distill.models.base import Encoder, ImagePreprocess, TextPreprocess, l2norm, masked_mean
 from distill.models.inherit import keep_layers, text_layers_problem
+from distill.pixels import PixelSpec, from_timm
 from distill.registry import MODELS
 
 TIMM_SOURCES = ("local-dir:", "hf-hub:")
+TRANSFORMS = ("auto", "timm", "square")
+
+
+def tower_pixels(tower: nn.Module, image_size: int, mode: str, pretrained: bool) -> PixelSpec:
+    """A timm tower's image preprocessing at `image_size` (see `DualEncoder`'s `image_transform`)."""
+    from timm.data import resolve_data_config  # timm: heavy, imported when a model loads
+
+    config = resolve_data_config({"input_size": (3, image_size, image_size)}, model=tower)
+    if mode == "timm" or (mode == "auto" and pretrained):
+        return from_timm(config)
+    return PixelSpec(size=image_size, mean=tuple(config["mean"]), std=tuple(config["std"]))
 
 
 def _check_timm(name: str) -> None:
@@ -72,6 +84,11 @@ class DualEncoder(Encoder):
             source `local-dir:/folder` / `hf-hub:org/name` (loaded with its weights).
         image_pretrained: Optional local file of timm weights (`pretrained_cfg_overlay`).
         image_size: Resolution the data pipeline feeds this model.
+        image_transform: How images are resized: `timm` is timm's own eval transform for the
+            tower (its pretrained config's interpolation, crop_pct, crop_mode, mean, std) at
+            `image_size`; `square` resizes the shorter side to `image_size` (bicubic) and
+            centre-crops, with the tower's mean and std; `auto` (default) is `timm` for a
+            tower loaded with pretrained weights and `square` for one trained from scratch.
         image_args: Extra timm `create_model` arguments (e.g. `{depth: 4}` for a small ViT).
         text_model: Hub id or local folder for `AutoModel.from_pretrained`; or None to build
             from `text_config`.
@@ -90,6 +107,7 @@ class DualEncoder(Encoder):
         image_model: str = "resnet18",
         image_pretrained: str | None = None,
         image_size: int = 64,
+        image_transform: str = "auto",
         image_args: dict[str, Any] | None = None,
         text_model: str | None = None,
         text_config: dict[str, Any] | None = None,
@@ -110,9 +128,7 @@ class DualEncoder(Encoder):
         pretrained = bool(image_pretrained) or image_model.startswith(TIMM_SOURCES)
         self.image_tower = timm.create_model(image_model, pretrained=pretrained, num_classes=0, **extra)
         self.image_args = dict(image_args or {})
-        cfg = self.image_tower.pretrained_cfg or {}
-        self.image_mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
-        self.image_std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+        self.pixels = tower_pixels(self.image_tower, image_size, image_transform, pretrained)
         # timm: head_hidden_size is the pooled width after a pre-logits head (MobileNetV3), if any
         width = getattr(self.image_tower, "head_hidden_size", None) or self.image_tower.num_features
         self.image_proj = nn.Linear(width, embed_dim)
@@ -134,6 +150,7 @@ class DualEncoder(Encoder):
         tokenizer: str | None = None,
         pooling: str = "mean",
         embed_dim: int = 256,
+        image_transform: str = "auto",
         **_: Any,
     ) -> dict[str, int]:
         problems = []
@@ -150,6 +167,8 @@ class DualEncoder(Encoder):
         if image_pretrained:
             if not Path(image_pretrained).expanduser().is_file():
                 problems.append(f"image_pretrained file {image_pretrained!r} does not exist")
+        if image_transform not in TRANSFORMS:
+            problems.append(f"image_transform must be one of {', '.join(TRANSFORMS)}, got {image_transform!r}")
         if pooling not in ("cls", "mean"):
             problems.append(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         if problems:
@@ -157,7 +176,7 @@ class DualEncoder(Encoder):
         return {"image": embed_dim, "text": embed_dim}
 
     def image_preprocess(self) -> ImagePreprocess:
-        return ImagePreprocess(size=self.image_size, mean=self.image_mean, std=self.image_std)
+        return ImagePreprocess(**vars(self.pixels))
 
     def text_preprocess(self) -> TextPreprocess:
         return TextPreprocess(tokenizer=self.tokenizer, max_length=self.max_length)
@@ -189,7 +208,8 @@ class DualEncoder(Encoder):
             heads.update({f"text_proj.{k}": v for k, v in self.text_proj.state_dict().items()})
             save_file({k: v.contiguous() for k, v in heads.items()}, str(tmp / "heads.safetensors"))
             settings = {"embed_dim": self.embed_dim, "image_size": self.image_size, "pooling": self.pooling,
-                        "max_length": self.max_length, "image_mean": list(self.image_mean), "image_std": list(self.image_std)}
+                        "max_length": self.max_length, "image_mean": list(self.pixels.mean),
+                        "image_std": list(self.pixels.std), "pixels": self.pixels.to_dict()}
             (tmp / "towers.json").write_text(json.dumps(settings, indent=2))
         return Path(folder)
 
@@ -220,9 +240,11 @@ class Towers(DualEncoder):
         super().__init__(
             image_model=f"local-dir:{root / 'image'}", image_size=s["image_size"],
             text_model=str(root / "text"), tokenizer=str(root / "tokenizer"),
-            embed_dim=s["embed_dim"], pooling=s["pooling"], max_length=s["max_length"],
+            embed_dim=s["embed_dim"], pooling=s["pooling"], max_length=s["max_length"], image_transform="square",
         )
-        self.image_mean, self.image_std = tuple(s["image_mean"]), tuple(s["image_std"])
+        # the preprocessing the towers were trained with (older folders: square, their statistics)
+        self.pixels = PixelSpec.from_dict(s["pixels"]) if "pixels" in s else PixelSpec(
+            size=s["image_size"], mean=tuple(s["image_mean"]), std=tuple(s["image_std"]))
         heads = load_file(str(root / "heads.safetensors"))
         self.image_proj.load_state_dict({k[11:]: v for k, v in heads.items() if k.startswith("image_proj.")})
         self.text_proj.load_state_dict({k[10:]: v for k, v in heads.items() if k.startswith("text_proj.")})

@@ -7,15 +7,8 @@ from typing import Any
 from torch import Tensor
 
 from distill.errors import ConfigError
-from distill.models._hf import load_pretrained
-from distill.models.base import (
-    CLIP_MEAN,
-    CLIP_STD,
-    Encoder,
-    ImagePreprocess,
-    TextPreprocess,
-    l2norm,
-)
+from distill.models._hf import load_image_spec, load_pretrained
+from distill.models.base import Encoder, ImagePreprocess, TextPreprocess, l2norm
 from distill.registry import MODELS
 
 
@@ -29,8 +22,10 @@ class HFClip(Encoder):
     """A CLIP-style dual encoder loaded with `from_pretrained` from a hub id or a folder.
 
     Works for any `transformers` model with `get_image_features` and `get_text_features`
-    (CLIP, SigLIP, Chinese-CLIP, AltCLIP); preprocessing is read from the model's own
-    image processor and tokenizer.
+    (CLIP, SigLIP, Chinese-CLIP, AltCLIP). Images are preprocessed exactly as the model's
+    own image processor does (resize mode and filter, crop, mean and std, and its backend's
+    arithmetic: CLIP resizes the shorter side and crops, SigLIP squashes to the full size);
+    captions go through its own tokenizer.
 
     Args:
         path: Hub id (e.g. `openai/clip-vit-base-patch32`) or local `save_pretrained` folder.
@@ -40,18 +35,13 @@ class HFClip(Encoder):
     def __init__(self, *, path: str, max_length: int = 77) -> None:
         super().__init__()
         from transformers import (  # transformers: heavy, imported when a model loads
-            AutoImageProcessor,
             AutoModel,
             AutoTokenizer,
         )
 
         self.model = load_pretrained(AutoModel, path, "model")
         self.tokenizer = load_pretrained(AutoTokenizer, path, "tokenizer")
-        processor = load_pretrained(AutoImageProcessor, path, "image processor")
-        size = getattr(processor, "crop_size", None) or getattr(processor, "size", None) or {}
-        self.image_size = int(size.get("height") or size.get("shortest_edge") or 224)
-        self.mean = tuple(getattr(processor, "image_mean", None) or CLIP_MEAN)
-        self.std = tuple(getattr(processor, "image_std", None) or CLIP_STD)
+        self.pixels = load_image_spec(path)
         positions = getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", 77)
         self.max_length = min(max_length, positions)
 
@@ -68,7 +58,7 @@ class HFClip(Encoder):
         return {"image": int(dim), "text": int(dim)}
 
     def image_preprocess(self) -> ImagePreprocess:
-        return ImagePreprocess(size=self.image_size, mean=self.mean, std=self.std)
+        return ImagePreprocess(**vars(self.pixels))
 
     def text_preprocess(self) -> TextPreprocess:
         return TextPreprocess(tokenizer=self.tokenizer, max_length=self.max_length)
