@@ -86,6 +86,10 @@ class TrainerConfig:
     """A NaN or infinite loss: `error` stops the run at that step naming the edges; `skip`
     drops the step (no update), counts it as `train/nonfinite_skipped`, and stops after
     `distill.training.module.MAX_SKIPPED_IN_A_ROW` skipped steps in a row."""
+    loggers: list[Any] = field(default_factory=lambda: ["csv"])
+    """Experiment trackers (Lightning's loggers), each a name (`csv`, `tensorboard`, `wandb`,
+    `mlflow`) or `{name: ..., args: {...}}` with arguments for the Lightning logger; a resumed
+    run continues the same tracker run (see `distill.training.loggers`)."""
 
 
 @dataclass

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from distill.config.load import read_config
 from distill.config.schema import Config
@@ -37,6 +38,24 @@ NONFINITE = ("error", "skip")
 SPLITS = ("train", "val", "test")
 CACHE_MODES = ("auto", "require", "never")
 STAGE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class Tracker(NamedTuple):
+    """What `trainer.loggers` knows of one experiment tracker (built in `distill.training.loggers`)."""
+
+    modules: tuple[str, ...]
+    """Any one of these importable is enough (none: it needs nothing beyond Lightning)."""
+    managed: tuple[str, ...]
+    """Arguments distill sets itself (where the files go, which run a resumption continues)."""
+
+
+LOGGERS = {
+    "csv": Tracker((), ("save_dir", "name", "version")),
+    "tensorboard": Tracker(("tensorboard", "tensorboardX"), ("save_dir", "name", "version")),
+    "wandb": Tracker(("wandb",), ("id", "version", "resume")),
+    "mlflow": Tracker(("mlflow",), ("run_id",)),
+}
+"""Tracker name -> its needs; the pip extra of a tracker is `distill[<name>]`."""
 
 
 def load_checked(path: str | Path, overrides: list[str] | None = None, *, data: bool = True) -> Config:
@@ -245,6 +264,60 @@ def field_problems(config: Config) -> list[str]:
     return problems
 
 
+def logger_entry(entry: Any) -> tuple[Any, Any]:
+    """A `trainer.loggers` entry, `csv` or `{name: csv, args: {...}}`, as (name, args)."""
+    if isinstance(entry, dict):
+        return entry.get("name"), entry.get("args", {})  # a missing name is reported by logger_problems
+    return entry, {}
+
+
+def _importable(module: str) -> bool:
+    spec = importlib.util.find_spec(module)
+    return spec is not None and spec.origin is not None  # a bare folder (e.g. a ./wandb run dir) is no package
+
+
+def logger_problems(loggers: list[Any]) -> list[str]:
+    """Problems of `trainer.loggers`: unknown or repeated names, malformed entries, arguments
+    distill sets itself, and trackers whose package is not installed (named with its extra)."""
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    known = ", ".join(LOGGERS)
+    for i, entry in enumerate(loggers):
+        path = f"trainer.loggers[{i}]"
+        if isinstance(entry, dict):
+            for key in set(entry) - {"name", "args"}:
+                close = difflib.get_close_matches(str(key), ["name", "args"], n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                problems.append(f"{path}.{key}: unknown key; {hint}a logger entry takes name and args")
+            if "name" not in entry:
+                problems.append(f"{path}.name: missing; one of {known}")
+                continue
+        elif not isinstance(entry, str):
+            problems.append(f"{path}: expected a logger name or {{name: ..., args: {{...}}}}, got {entry!r}")
+            continue
+        name, args = logger_entry(entry)
+        where = f"{path}.name" if isinstance(entry, dict) else path
+        if name not in LOGGERS:
+            close = difflib.get_close_matches(str(name), list(LOGGERS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"{where}: unknown logger {name!r}{hint} (known: {known})")
+            continue
+        if name in seen:
+            problems.append(f"{where}: logger {name!r} is already trainer.loggers[{seen[name]}]")
+            continue
+        seen[name] = i
+        if not isinstance(args, dict):
+            problems.append(f"{path}.args: expected a mapping of {name} logger arguments, got {args!r}")
+        else:
+            for key in sorted(set(args) & set(LOGGERS[name].managed)):
+                problems.append(f"{path}.args.{key}: set by distill (where the files go, which run a resumed "
+                                "run continues); remove it")
+        modules = LOGGERS[name].modules
+        if modules and not any(_importable(m) for m in modules):
+            problems.append(f"{where}: logger {name!r} needs the {modules[0]} package: pip install 'distill[{name}]'")
+    return problems
+
+
 def data_problems(config: Config) -> list[str]:
     """What the dataset finds missing in its files (shards, JSON, folders), and a batch
     larger than the whole training split when the dataset knows its size."""
@@ -297,6 +370,7 @@ def check(config: Config, *, data: bool = False) -> list[str]:
         )
     if config.trainer.strategy.startswith("fsdp") and config.trainer.accelerator == "cpu":
         problems.append("trainer.strategy: Lightning runs fsdp on GPUs only; use ddp with trainer.accelerator=cpu")
+    problems += logger_problems(list(config.trainer.loggers))
     if config.cache.mode not in CACHE_MODES:
         problems.append(f"cache.mode: expected one of {', '.join(CACHE_MODES)}, got {config.cache.mode!r}")
     for name in config.save_pretrained:

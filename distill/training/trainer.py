@@ -11,7 +11,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy
 
@@ -20,6 +19,7 @@ from distill.core.graph import split_node
 from distill.errors import ConfigError
 from distill.io import atomic_path
 from distill.training.datamodule import DistillDataModule
+from distill.training.loggers import LogLearningRate, make_loggers
 from distill.training.module import DistillModule
 from distill.training.progress import StepProgress
 
@@ -124,6 +124,15 @@ def resume_path(config: Config, out: Path) -> str | None:
     return config.resume
 
 
+def resumed_step(config: Config, out: Path) -> int | None:
+    """The global step of the checkpoint `config.resume` resumes from; None when it starts afresh."""
+    path = resume_path(config, out)
+    if path is None:
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors are not read
+    return int(ckpt.get("global_step", 0))
+
+
 def make_datamodule(config: Config, module: DistillModule) -> pl.LightningDataModule:
     """The data module fed with each running model's own preprocessing, for the outputs it
     computes: none for a model the teacher-output cache serves entirely."""
@@ -142,9 +151,11 @@ def make_datamodule(config: Config, module: DistillModule) -> pl.LightningDataMo
 
 
 def make_trainer(config: Config, out: Path, callbacks: Sequence[pl.Callback] = (), **overrides: Any) -> pl.Trainer:
-    """A Trainer built from `config.trainer`, logging CSV metrics into the run folder;
+    """A Trainer built from `config.trainer`, logging into the run folder with the trackers of
+    `trainer.loggers` (continuing their runs when `config.resume` finds a checkpoint);
     `callbacks` run besides the checkpointing."""
     t = config.trainer
+    loggers = [] if "logger" in overrides else make_loggers(config, out, resume_step=resumed_step(config, out))
     checkpoint = ModelCheckpoint(
         dirpath=out / "checkpoints",
         save_last=True,
@@ -169,8 +180,8 @@ def make_trainer(config: Config, out: Path, callbacks: Sequence[pl.Callback] = (
         num_sanity_val_steps=0,
         enable_progress_bar=False,  # StepProgress counts the run's steps instead of epochs
         enable_model_summary=False,
-        logger=CSVLogger(str(out), name="logs"),  # logs/version_N: a resumed run never overwrites
-        callbacks=[checkpoint, *([StepProgress()] if t.progress_bar else []), *callbacks],
+        logger=loggers or False,  # see distill.training.loggers: where each writes, how each resumes
+        callbacks=[checkpoint, LogLearningRate(), *([StepProgress()] if t.progress_bar else []), *callbacks],
         plugins=[SafeCheckpointIO()],
         default_root_dir=str(out),
     )
