@@ -126,6 +126,18 @@ def save_tiny_fusion(folder: Path) -> Path:
     return Fusion(**TINY_FUSION).save_pretrained(folder)  # type: ignore[arg-type]
 
 
+def save_random_open_clip(file: Path, arch: str) -> Path:
+    """Random weights of an open_clip architecture as a local checkpoint file (once)."""
+    if not file.is_file():
+        import open_clip
+        from safetensors.torch import save_file
+
+        file.parent.mkdir(parents=True, exist_ok=True)
+        state = open_clip.create_model(arch).state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(file))
+    return file
+
+
 def _once(folder: Path, make: Callable[[Path], Path]) -> Path:
     return folder if folder.is_dir() else make(folder)
 
@@ -171,6 +183,12 @@ def shrink(config: Path, data_root: Path, out: Path, towers: Path, steps: int = 
             overrides.append(f"models.{name}.args.path='{_once(towers.parent / 'fusion', save_tiny_fusion)}'")
         elif model["type"] in ("fusion", "twin"):
             overrides += [f"models.{name}.args.{k}={v}" for k, v in TINY_FUSION.items()]
+        elif model["type"] == "open_clip":  # the real architecture at 64 px; random weights saved locally
+            overrides.append(f"models.{name}.args.image_size=64")
+            if (model.get("args") or {}).get("pretrained"):
+                arch = model["args"]["model"]
+                file = save_random_open_clip(towers.parent / "open_clip" / f"{arch}.safetensors", arch)
+                overrides.append(f"models.{name}.args.pretrained='{file}'")
     for name in raw.get("save_pretrained") or {}:
         overrides.append(f"save_pretrained.{name}={out / 'saved' / name}")
     return overrides

@@ -6,6 +6,7 @@ TinyCLIP, SigLIP checkpoints, or any architecture open_clip can build.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 from dataclasses import dataclass
@@ -88,6 +89,33 @@ def _pretrained_problem(model: str, pretrained: str | None) -> str | None:
     return None
 
 
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `over` merged in, mappings key by key (a copy)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def architecture(model: str, config: dict[str, Any] | None, image_size: int | None,
+                 context_length: int | None) -> dict[str, Any]:
+    """The open_clip model config `create_model` builds for these arguments."""
+    open_clip = import_open_clip()
+    if model.startswith("local-dir:"):
+        folder = Path(model.split(":", 1)[1]).expanduser()
+        base = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
+    elif model.startswith("hf-hub:"):
+        base = open_clip.factory._get_hf_config(model.split(":", 1)[1])["model_cfg"]
+    else:
+        base = open_clip.get_model_config(model) or {}
+    cfg = merge(base, config or {})
+    if image_size is not None:
+        cfg.setdefault("vision_cfg", {})["image_size"] = image_size
+    if context_length is not None:
+        cfg.setdefault("text_cfg", {})["context_length"] = context_length
+    return cfg
+
+
 @MODELS.register("open_clip")
 class OpenClip(Encoder):
     """An open_clip model (`open_clip.create_model`) behind the `image` and `text` nodes:
@@ -109,6 +137,9 @@ class OpenClip(Encoder):
         precision: Weights' precision, `fp32`, `fp16` or `bf16` (a frozen teacher in half
             precision halves its memory; a trained student should stay fp32).
         context_length: Override the text context length (`force_context_length`).
+        config: Deep-merged onto the architecture's open_clip config: a smaller student of
+            the same family, e.g. `{vision_cfg: {width: 384, layers: 6}, text_cfg: {layers: 6}}`
+            (TinyCLIP-style; `init:` then inherits the teacher's layers and leading slices).
         model_args: Further `open_clip.create_model` keyword arguments (`force_quick_gelu`, ...).
     """
 
@@ -120,17 +151,24 @@ class OpenClip(Encoder):
         image_size: int | None = None,
         precision: str = "fp32",
         context_length: int | None = None,
+        config: dict[str, Any] | None = None,
         model_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         open_clip = import_open_clip()
         self.name = model
+        self.model_cfg = architecture(model, config, image_size, context_length)
+        """The open_clip `model_cfg` this model was built with (an export writes it)."""
+        extra = dict(model_args or {})
+        if config:  # create_model replaces these keys whole: hand it the merged ones
+            extra.update({k: v for k, v in self.model_cfg.items() if k in config})
         try:
             self.model = open_clip.create_model(
                 model, pretrained=pretrained, precision=precision, force_image_size=image_size,
-                force_context_length=context_length, **(model_args or {}),
+                force_context_length=context_length, **extra,
             )
-            tokenizer = open_clip.get_tokenizer(model, context_length=context_length)
+            length = context_length or self.model_cfg.get("text_cfg", {}).get("context_length")
+            tokenizer = open_clip.get_tokenizer(model, context_length=length)
         except (RuntimeError, ValueError, OSError, KeyError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"cannot load open_clip model {model!r} (pretrained {pretrained!r}): {reason}") from e
@@ -141,7 +179,8 @@ class OpenClip(Encoder):
 
     @classmethod
     def describe(
-        cls, *, model: str, pretrained: str | None = None, precision: str = "fp32", **_: Any,
+        cls, *, model: str, pretrained: str | None = None, precision: str = "fp32",
+        config: dict[str, Any] | None = None, **_: Any,
     ) -> dict[str, int]:
         open_clip = import_open_clip()
         problems = []
@@ -173,7 +212,7 @@ class OpenClip(Encoder):
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ConfigError(f"cannot read the config of open_clip model {model!r} (offline, only a "
                                   f"cached download or a local-dir: folder loads): {reason}") from e
-        dim = int(cfg["embed_dim"])
+        dim = int(merge(cfg, config or {})["embed_dim"])
         return {"image": dim, "text": dim}
 
     def image_preprocess(self) -> ImagePreprocess:
