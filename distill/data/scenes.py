@@ -95,9 +95,22 @@ def sample_scene(rng: random.Random) -> Scene:
             cells = tuple(sorted(free.pop() for _ in range(count)))
             groups.append(Group(shape, colour, rng.choice(SIZES), cells))
         if _valid(tuple(groups)):
-            tone = rng.randint(95, 165)
-            background = tuple(int(np.clip(tone + rng.randint(-18, 18), 0, 255)) for _ in range(3))
-            return Scene(tuple(groups), background)  # type: ignore[arg-type]
+            return Scene(tuple(groups), _background(rng))
+
+
+def _background(rng: random.Random) -> tuple[int, int, int]:
+    tone = rng.randint(95, 165)
+    return tuple(int(np.clip(tone + rng.randint(-18, 18), 0, 255)) for _ in range(3))  # type: ignore[return-value]
+
+
+def single_object_scene(rng: random.Random, *, shape: str | None = None, colour: str | None = None) -> Scene:
+    """One shape (of `shape` and `colour`, each drawn when None) in a random cell, at a random
+    size, on a background drawn as `sample_scene` draws it: the labelled images of the
+    zero-shot tasks (`distill.eval.zeroshot`), never part of the captioned benchmark."""
+    shape = shape or rng.choice(SHAPES)
+    colour = colour or rng.choice(list(COLOURS))
+    group = Group(shape, colour, rng.choice(SIZES), (rng.choice(CELLS),))
+    return Scene((group,), _background(rng))
 
 
 def _vary_once(scene: Scene, rng: random.Random, kind: str) -> tuple[Group, ...]:

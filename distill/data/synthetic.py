@@ -33,7 +33,7 @@ from tqdm import tqdm
 from distill.data.base import CaptionDataset, Part
 from distill.data.captions import TOKENIZER_DIR, make_captions, words, write_tokenizer
 from distill.data.karpathy import KarpathySplits
-from distill.data.scenes import render_scene, sample_scene, vary_scene
+from distill.data.scenes import Scene, render_scene, sample_scene, vary_scene
 from distill.data.webdataset import WebDatasetShards
 from distill.errors import ConfigError
 from distill.io import write_bytes
@@ -47,12 +47,20 @@ CAPTIONS_PER_IMAGE = 5
 DONE = "_DONE"
 
 
-def make_example(*, seed: int, split: str, index: int, image_size: int) -> tuple[bytes, list[str]]:
-    """JPEG bytes and five captions of image `index` of `split`; a pure function of its arguments."""
+def make_scene(*, seed: int, split: str, index: int) -> Scene:
+    """The scene of image `index` of `split` (its shapes, colours, sizes, counts and cells):
+    the metadata the files do not keep, recomputed exactly (`distill.eval.zeroshot` labels
+    the test split with it)."""
     family = random.Random(f"{VERSION}/{seed}/{split}/family/{index // FAMILY_SIZE}")
     scene = sample_scene(family)
     if index % FAMILY_SIZE:
         scene = vary_scene(scene, random.Random(f"{VERSION}/{seed}/{split}/variant/{index}"))
+    return scene
+
+
+def make_example(*, seed: int, split: str, index: int, image_size: int) -> tuple[bytes, list[str]]:
+    """JPEG bytes and five captions of image `index` of `split`; a pure function of its arguments."""
+    scene = make_scene(seed=seed, split=split, index=index)
     captions = make_captions(
         scene, random.Random(f"{VERSION}/{seed}/{split}/captions/{index}"), n=CAPTIONS_PER_IMAGE
     )

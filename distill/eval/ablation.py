@@ -3,6 +3,8 @@ difference to the reference with a paired bootstrap interval (`distill.eval.stat
 
 Writes `sweep.csv` (one row per variant and seed), `sweep.md` (one row per variant) and
 `sweep.png` (RSUM per variant, and its difference to the reference with the interval).
+Runs that carry a zero-shot top-1 (`zeroshot_top1`, percent, and `zeroshot_task`; see
+`distill.eval.zeroshot`) get a zero-shot column next to RSUM, mean ± std over seeds.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from distill.eval.stats import METRICS, Difference, compare_runs, mean_std
 from distill.io import atomic_path, write_json, write_text
 
 Run = Mapping[str, Any]
-"""One fitted and evaluated run: {"variant", "seed", "edges", <metric>: value, "ranks": Ranks}."""
+"""One fitted and evaluated run: {"variant", "seed", "edges", <metric>: value, "ranks": Ranks},
+optionally "zeroshot_top1" and "zeroshot_task"."""
+ZEROSHOT = "zeroshot_top1"
 
 
 def summarize(runs: Sequence[Run], *, draws: int = 1000) -> list[dict[str, Any]]:
@@ -33,6 +37,9 @@ def summarize(runs: Sequence[Run], *, draws: int = 1000) -> list[dict[str, Any]]
         entry: dict[str, Any] = {"variant": name, "edges": group[0]["edges"], "seeds": [r["seed"] for r in group]}
         for m in METRICS:
             entry[m], entry[f"{m}_std"] = mean_std([r[m] for r in group])
+        if all(ZEROSHOT in r for r in group):
+            entry[ZEROSHOT], entry[f"{ZEROSHOT}_std"] = mean_std([r[ZEROSHOT] for r in group])
+            entry["zeroshot_task"] = group[0].get("zeroshot_task")
         if name != ref_name:
             paired = [(r, ref[r["seed"]]) for r in group if r["seed"] in ref]
             diffs = compare_runs([r["ranks"] for r, _ in paired], [b["ranks"] for _, b in paired], draws=draws)
@@ -49,13 +56,26 @@ def _delta(entry: Mapping[str, Any], metric: str = "rsum") -> str:
     return f"{d['delta']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]{mark}"
 
 
+def _mean(e: Mapping[str, Any], m: str) -> str:
+    if m not in e:
+        return "–"
+    return f"{e[m]:.1f} ± {e[f'{m}_std']:.1f}" if len(e["seeds"]) > 1 else f"{e[m]:.1f}"
+
+
 def format_table(summary: Sequence[Mapping[str, Any]]) -> str:
-    """The Markdown table: mean ± std (over seeds) per metric, Δ RSUM with its interval."""
-    head = ("| variant | enabled edges | seeds | I→T R@1 | R@5 | R@10 | T→I R@1 | R@5 | R@10 | RSUM "
-            "| Δ RSUM [95% CI] | sign-test p |")  # fmt: skip
-    lines = [head, "|" + "---|" * 12]
+    """The Markdown table: mean ± std (over seeds) per metric, Δ RSUM with its interval, and
+    a zero-shot top-1 column after RSUM when any variant has one."""
+    tasks = {e.get("zeroshot_task") for e in summary if ZEROSHOT in e}
+    columns = ["variant", "enabled edges", "seeds", "I→T R@1", "R@5", "R@10", "T→I R@1", "R@5", "R@10", "RSUM"]
+    metrics = list(METRICS)
+    if tasks:
+        task = next(iter(tasks)) if len(tasks) == 1 else None
+        columns.append(f"zero-shot top-1 ({task})" if task else "zero-shot top-1")
+        metrics.append(ZEROSHOT)
+    columns += ["Δ RSUM [95% CI]", "sign-test p"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for e in summary:
-        cells = [f"{e[m]:.1f} ± {e[f'{m}_std']:.1f}" if len(e["seeds"]) > 1 else f"{e[m]:.1f}" for m in METRICS]
+        cells = [_mean(e, m) for m in metrics]
         p = e.get("vs_reference", {}).get("rsum", {}).get("p_sign")
         lines.append(f"| {e['variant']} | {', '.join(e['edges'])} | {len(e['seeds'])} | {' | '.join(cells)} "
                      f"| {_delta(e)} | {'' if p is None else f'{p:.2g}'} |")  # fmt: skip
@@ -65,11 +85,12 @@ def format_table(summary: Sequence[Mapping[str, Any]]) -> str:
 def write_ablation(runs: Sequence[Run], out: Path, *, draws: int = 1000) -> Path:
     """`sweep.csv`, `sweep.json`, `sweep.md` and `sweep.png` into `out`; returns the Markdown path."""
     summary = summarize(runs, draws=draws)
+    metrics = [*METRICS, *([ZEROSHOT] if any(ZEROSHOT in r for r in runs) else [])]
     with atomic_path(out / "sweep.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["variant", "seed", "edges", *METRICS])
+        writer = csv.DictWriter(f, fieldnames=["variant", "seed", "edges", *metrics])
         writer.writeheader()
         writer.writerows({"variant": r["variant"], "seed": r["seed"], "edges": " ".join(r["edges"]),
-                          **{m: r[m] for m in METRICS}} for r in runs)  # fmt: skip
+                          **{m: r.get(m, "") for m in metrics}} for r in runs)  # fmt: skip
     write_json(out / "sweep.json", summary)
     ref = summary[0]["variant"]
     seeds = sorted({s for e in summary for s in e["seeds"]})
@@ -77,6 +98,9 @@ def write_ablation(runs: Sequence[Run], out: Path, *, draws: int = 1000) -> Path
             "seeds and test queries; the interval is a 95% paired bootstrap over queries (pooled over seeds) and ✓ "
             "marks an interval that excludes 0. The sign test counts queries whose RSUM contribution rose against "
             "those where it fell.")  # fmt: skip
+    if ZEROSHOT in metrics:
+        note += (" Zero-shot top-1 is classification accuracy in percent (`docs/zeroshot.md`), mean ± std over "
+                 "seeds, without an interval.")  # fmt: skip
     md = write_text(out / "sweep.md", f"{note}\n\n{format_table(summary)}\n\n![sweep](sweep.png)\n")
     plot(summary, out / "sweep.png")
     return md

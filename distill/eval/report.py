@@ -3,7 +3,9 @@
 A row describes one model:
 `{"name", "params", "rsum", "i2t": {"r1", "r5", "r10"}, "t2i": {...}, "image_ms", "text_ms"}`
 with recalls in percent and latencies in ms per item. The first row (usually the
-teacher) is the reference of the relative columns.
+teacher) is the reference of the relative columns. A row may also carry a zero-shot
+classification result (`distill.eval.zeroshot`): `"zeroshot_top1"` (percent) and
+`"zeroshot_task"` (`embedded:shape`, say); the table then shows it next to RSUM.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 from distill.io import atomic_path, write_json, write_text
 
 ROW_KEYS = ("name", "params", "rsum", "i2t", "t2i", "image_ms", "text_ms")
+ZEROSHOT_KEYS = ("zeroshot_top1", "zeroshot_task")
+"""Optional row keys: a zero-shot top-1 accuracy and the task it was measured on."""
 RECALL_KEYS = ("r1", "r5", "r10")
 DIRECTIONS = ("i2t", "t2i")
 
@@ -25,6 +29,7 @@ def metrics_to_row(
     params: int,
     image_ms: float,
     text_ms: float,
+    zeroshot: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build a report row from the output of `retrieval_metrics` and efficiency figures.
 
@@ -34,6 +39,8 @@ def metrics_to_row(
         params: Parameter count.
         image_ms: Latency per image, in ms.
         text_ms: Latency per caption, in ms.
+        zeroshot: A zero-shot result (`distill.eval.zeroshot.evaluate_zeroshot`, or its
+            `zeroshot_<task>.json`); its top-1 and task join the row.
 
     Returns:
         The row dict described in the module docstring.
@@ -42,7 +49,7 @@ def metrics_to_row(
     missing = [key for key in needed if key not in metrics]
     if missing:
         raise KeyError(f"metrics for {name!r} lack {missing}; got {sorted(metrics)}")
-    return {
+    row = {
         "name": name,
         "params": int(params),
         "rsum": float(metrics["rsum"]),
@@ -51,6 +58,9 @@ def metrics_to_row(
         "image_ms": float(image_ms),
         "text_ms": float(text_ms),
     }
+    if zeroshot is not None:
+        row.update(zeroshot_top1=float(zeroshot["top1"]), zeroshot_task=str(zeroshot["task"]))
+    return row
 
 
 def _check_rows(rows: Sequence[Mapping[str, Any]]) -> None:
@@ -65,6 +75,8 @@ def _check_rows(rows: Sequence[Mapping[str, Any]]) -> None:
         ]
         if missing:
             problems.append(f"row {i} ({row.get('name', '?')}): missing {missing}")
+        if "zeroshot_top1" in row and not isinstance(row["zeroshot_top1"], int | float):
+            problems.append(f"row {i} ({row.get('name', '?')}): zeroshot_top1 must be a number")
     if problems:
         raise ValueError("bad report rows:\n" + "\n".join(problems))
 
@@ -73,11 +85,21 @@ def _ratio(num: float, den: float) -> str:
     return f"{num / den:.2f}×" if den > 0 else "n/a"
 
 
+def _zeroshot_header(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """The zero-shot column's header (naming the task when all rows share one), or None."""
+    if not any("zeroshot_top1" in row for row in rows):
+        return None
+    tasks = {row.get("zeroshot_task") for row in rows if "zeroshot_top1" in row}
+    return f"Zero-shot top-1 ({tasks.pop()})" if len(tasks) == 1 and None not in tasks else "Zero-shot top-1"
+
+
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """A Markdown table of the rows, with params and speed relative to the first row.
 
     "Params ×" is params / first row's params; "Speed-up" is the first row's
     (image_ms + text_ms) over this row's, i.e. for encoding one image and one caption.
+    When a row carries `zeroshot_top1`, a zero-shot column follows RSUM ("–" for the rows
+    without one).
 
     Returns:
         The table, one line per row after the header, without a trailing newline.
@@ -88,13 +110,19 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
         "I2T R@1", "I2T R@5", "I2T R@10", "T2I R@1", "T2I R@5", "T2I R@10",
         "RSUM", "Image ms", "Text ms", "Params ×", "Speed-up",
     ]  # fmt: skip
+    zeroshot = _zeroshot_header(rows)
+    if zeroshot:
+        header.insert(header.index("RSUM") + 1, zeroshot)
     ref = rows[0]
     ref_ms = ref["image_ms"] + ref["text_ms"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * 12) + "|"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in rows:
         cells = [str(row["name"]), f"{row['params'] / 1e6:.2f}"]
         cells += [f"{row[d][r]:.2f}" for d in DIRECTIONS for r in RECALL_KEYS]
-        cells += [f"{row['rsum']:.2f}", f"{row['image_ms']:.2f}", f"{row['text_ms']:.2f}"]
+        cells += [f"{row['rsum']:.2f}"]
+        if zeroshot:
+            cells += [f"{row['zeroshot_top1']:.2f}" if "zeroshot_top1" in row else "–"]
+        cells += [f"{row['image_ms']:.2f}", f"{row['text_ms']:.2f}"]
         cells += [_ratio(row["params"], ref["params"])]
         cells += [_ratio(ref_ms, row["image_ms"] + row["text_ms"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -167,7 +195,9 @@ def write_report(
         format_table(rows),
         "",
         f"Recall in percent; latency in ms per item on the CPU. Params × and Speed-up are "
-        f"relative to {rows[0]['name']} (speed-up over encoding one image and one caption).",
+        f"relative to {rows[0]['name']} (speed-up over encoding one image and one caption)."
+        + (" Zero-shot top-1: classification accuracy in percent (`docs/zeroshot.md`)."
+           if _zeroshot_header(rows) else ""),
         "",
         *(line for note in notes for line in (note, "")),
         "![report](report.png)",
