@@ -19,7 +19,8 @@ def test_quick_demo_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixt
     assert report["notes"][0].startswith("Distilled - alone: RSUM ") and "95% paired bootstrap interval" in report["notes"][0]
     assert [m["name"] for m in report["models"]] == ["teacher", "student_alone", "student_distilled"]
     for m in report["models"]:
-        assert set(m) == {"name", "params", "rsum", "i2t", "t2i", "image_ms", "text_ms"}
+        assert set(m) == {"name", "params", "rsum", "i2t", "t2i", "image_ms", "text_ms", "zeroshot_top1", "zeroshot_task"}
+        assert m["zeroshot_task"] == "embedded:colour" and 0 <= m["zeroshot_top1"] <= 100
         assert set(m["i2t"]) == set(m["t2i"]) == {"r1", "r5", "r10"}
         assert 0 <= m["rsum"] <= 600 and m["params"] > 0 and m["image_ms"] > 0
     assert (tmp_path / "report.png").stat().st_size > 10_000
@@ -30,6 +31,7 @@ def test_quick_demo_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixt
     timing = json.loads((tmp_path / "timing.json").read_text())
     assert set(timing["phases"]) == {"data", "teacher", "student alone", "student distilled", "evaluation"}
     assert (tmp_path / "student_alone" / "eval_test.ranks.npz").is_file()
+    assert (tmp_path / "student_distilled" / "zeroshot_embedded_colour.json").is_file()
     assert (tmp_path / "teacher" / "towers" / "towers.json").is_file()
 
 

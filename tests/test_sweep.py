@@ -10,7 +10,7 @@ import pytest
 
 from distill.commands.cli import main
 from distill.errors import ConfigError
-from distill.training.sweep import load_sweep, variant_configs
+from distill.training.sweep import load_sweep, run_sweep, variant_configs
 from tests.conftest import shrink, write_yaml
 
 SWEEPS = sorted((Path(__file__).parent.parent / "experiments" / "ablations").glob("*.yaml"))
@@ -119,3 +119,25 @@ def test_sweep_end_to_end_and_resumable(tiny_yaml: Path, tmp_path: Path, capsys:
     assert main(["sweep", str(path), "trainer.max_steps=3", "--seeds", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all("was run with another config (trainer.max_steps 2 -> 3" in line for line in err), err
+
+
+def test_sweep_scores_a_zeroshot_task_next_to_rsum(tiny_yaml: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    path = write_yaml(tmp_path, "sweep.yaml", f"""
+        base: {tiny_yaml.name}
+        output_dir: {out}
+        overrides: [trainer.max_steps=1]
+        zeroshot: embedded:colour
+        variants:
+          - {{name: full}}
+          - {{name: task_only, edges: [si_st]}}
+        """)
+    assert main(["sweep", str(path)]) == 0
+    result = json.loads((out / "full" / "zeroshot_embedded_colour.json").read_text())
+    assert result["task"] == "embedded:colour" and 0 <= result["top1"] <= 100
+    header = next(line for line in (out / "sweep.md").read_text().splitlines() if line.startswith("| variant"))
+    assert "RSUM" in header and "zero-shot" in header.lower()
+    assert "zeroshot_top1" in next(csv.DictReader(open(out / "sweep.csv")))
+    bad = write_yaml(tmp_path, "bad.yaml", path.read_text().replace("embedded:colour", "embedded:size"))
+    with pytest.raises(ConfigError, match="embedded:size"):
+        run_sweep(bad)

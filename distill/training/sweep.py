@@ -6,6 +6,7 @@ output_dir: runs/ablations/edges    # one run folder per variant: <output_dir>/<
 overrides: [trainer.max_steps=600]  # the training budget (and anything else) for every variant
 split: test                         # where the students are evaluated
 seeds: [0, 1, 2]                    # every variant once per seed (model init and data order)
+zeroshot: embedded:colour           # optional: a zero-shot task scored for every run, a column next to RSUM
 variants:                           # explicit variants, in table order
   - {name: full}
   - {name: task_only, edges: [si_st]}            # exactly these edges on, the others off
@@ -45,6 +46,7 @@ from distill.errors import ConfigError
 from distill.eval.ablation import write_ablation
 from distill.eval.evaluate import evaluate_ranks, load_ranks, save_evaluation
 from distill.eval.stats import METRICS
+from distill.eval.zeroshot import evaluate_zeroshot, open_task, result_filename, save_zeroshot
 from distill.training.cache.build import fill_cache
 from distill.training.cache.store import cache_plan
 from distill.training.checkpoint import load_checkpoint
@@ -71,6 +73,8 @@ class SweepConfig:
     overrides: list[str] = field(default_factory=list)
     split: str = "test"
     seeds: list[int] = field(default_factory=list)
+    zeroshot: str | None = None
+    """A zero-shot task (`embedded:colour`, an ImageFolder path) scored for every run, shown next to RSUM."""
     variants: list[VariantConfig] = field(default_factory=list)
     grid: dict[str, list[Any]] = field(default_factory=dict)
 
@@ -232,6 +236,20 @@ def evaluate_variant(config: Config, split: str) -> tuple[dict[str, float], dict
     return metrics, ranks
 
 
+def zeroshot_variant(config: Config, data: str) -> dict[str, Any]:
+    """The trained student's zero-shot result on task `data`, cached beside its checkpoint."""
+    folder = Path(config.output_dir)
+    cache, ckpt = folder / result_filename(data), folder / "final.ckpt"
+    if cache.is_file() and cache.stat().st_mtime >= ckpt.stat().st_mtime:
+        return json.loads(cache.read_text())
+    trained = load_checkpoint(ckpt, trust=True)  # written by this sweep from the user's own YAML
+    name = trained.config.eval.model
+    result = evaluate_zeroshot(trained.graph.models[name], name, open_task(data, config.data),
+                               batch_size=config.data.eval_batch_size)
+    save_zeroshot(folder, result)
+    return result
+
+
 IGNORED = ("trainer.progress_bar",)
 """Settings a run folder may change between sweeps without making its results another run's."""
 
@@ -269,6 +287,8 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, seeds: list[int]
     """
     sweep = load_sweep(path)
     configs = variant_configs(sweep, extra, seeds)
+    if sweep.zeroshot:
+        open_task(sweep.zeroshot, next(iter(configs.values())).data)  # a bad task fails before any fit
     changed = changed_runs(configs)
     if changed:
         raise ConfigError(changed)
@@ -289,4 +309,7 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, seeds: list[int]
         metrics, ranks = evaluate_variant(config, sweep.split)
         runs.append({"variant": name, "seed": seed if seed is not None else config.seed, "edges": enabled_edges(config),
                      **{m: metrics[m] for m in METRICS}, "ranks": ranks})  # fmt: skip
+        if sweep.zeroshot:
+            result = zeroshot_variant(config, sweep.zeroshot)
+            runs[-1].update(zeroshot_top1=result["top1"], zeroshot_task=result["task"])
     return write_ablation(runs, out)
