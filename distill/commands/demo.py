@@ -23,8 +23,8 @@ from distill.data.base import open_dataset
 from distill.eval.efficiency import count_parameters, encode_latency_ms
 from distill.eval.evaluate import evaluate_ranks, save_evaluation
 from distill.eval.report import format_table, metrics_to_row, write_report
-from distill.eval.zeroshot import evaluate_zeroshot, open_task, save_zeroshot
 from distill.eval.stats import compare_runs
+from distill.eval.zeroshot import evaluate_zeroshot, open_task, save_zeroshot
 from distill.io import write_json
 from distill.models.base import Encoder
 from distill.training.progress import duration
