@@ -119,6 +119,13 @@ def test_sweep_end_to_end_and_resumable(tiny_yaml: Path, tmp_path: Path, capsys:
     assert main(["sweep", str(path), "trainer.max_steps=3", "--seeds", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all("was run with another config (trainer.max_steps 2 -> 3" in line for line in err), err
+    # a run saved before a setting existed (here: trainer.loggers) still counts as this sweep's
+    saved = out / "full" / "seed0" / "config.yaml"
+    saved.write_text("\n".join(line for line in saved.read_text().splitlines() if not line.startswith("  loggers")
+                               and not line.startswith("  - csv")))
+    assert "loggers" not in saved.read_text()
+    assert main(["sweep", str(path), "--seeds", "0", "1"]) == 0
+    assert capsys.readouterr().out.count("finished, skipped") == 4
 
 
 def test_sweep_scores_a_zeroshot_task_next_to_rsum(tiny_yaml: Path, tmp_path: Path) -> None:

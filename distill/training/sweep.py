@@ -39,7 +39,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from distill.config.load import read_yaml, to_dict
+from distill.config.load import from_dict, read_yaml, to_dict
 from distill.config.schema import Config
 from distill.core.check import load_checked
 from distill.errors import ConfigError
@@ -268,7 +268,12 @@ def changed_runs(configs: dict[tuple[str, int | None], Config]) -> list[str]:
         saved = Path(config.output_dir) / "config.yaml"
         if not saved.is_file():
             continue
-        before, now = _flat(OmegaConf.to_container(OmegaConf.load(saved))), _flat(to_dict(config))
+        old = OmegaConf.to_container(OmegaConf.load(saved))
+        try:  # through the schema: a setting added since the run started compares at its default
+            old = to_dict(from_dict(old))
+        except ConfigError:  # a key since removed: compared as saved, so it shows as a change
+            pass
+        before, now = _flat(old), _flat(to_dict(config))
         diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k not in IGNORED]
         if diff:
             shown = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in diff[:3])
