@@ -210,7 +210,7 @@ def test_cli_export_with_weights(checkpoint: Path, tmp_path: Path, capsys: pytes
     ("args", "message"),
     [
         (["/no/such/run/final.ckpt"], "error: checkpoint '/no/such/run/final.ckpt' does not exist"),
-        (["CKPT", "--format", "onnxx"], "error: --format: unknown value 'onnxx' (choose from onnx, torchscript); did you mean 'onnx'?"),
+        (["CKPT", "--format", "onnxx"], "error: --format: unknown value 'onnxx' (choose from onnx, torchscript, open_clip, hf); did you mean 'onnx'?"),
         (["CKPT", "--format", "torchscript", "--quantize-text", "int8"], "error: --quantize-text: quantisation needs --format onnx"),
         (["CKPT", "--quantize-text", "int4"], "error: --quantize-text: unknown value 'int4'"),
         (["CKPT", "--model", "studnt"], "error: --model: 'studnt' is not a model of"),

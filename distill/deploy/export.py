@@ -1,4 +1,5 @@
-"""`distill export`: one model of a checkpoint as a self-contained inference folder.
+"""`distill export`: one model of a checkpoint as a self-contained inference folder, or as a
+folder in a standard format (`open_clip`, `hf`) that its own library loads without `distill`.
 
 ```
 DIR/manifest.json       format, model, embed_dim, image {file, size, mean, std, resize, ...: distill.pixels.PixelSpec},
@@ -12,6 +13,11 @@ ONNX goes through PyTorch's TorchScript-based exporter (`dynamo=False`: fast, no
 dependency), opset 17, with a dynamic batch axis (and sequence axis for text). The folder is
 written under a temporary name, checked for parity (`distill.deploy.parity`) and only then
 renamed into place: a failed export leaves nothing that looks finished.
+
+`--format open_clip` (`distill.deploy.export_openclip`: open_clip and dual-encoder students)
+and `--format hf` (`distill.deploy.export_hf`: transformers students) write the library's own
+folder plus `DIR/distill_export.json` (format, source, parity), which nothing needs to load
+it; parity there is checked on the folder loaded back by that library.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import logging
 import os
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +36,12 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_model
 from torch import Tensor, nn
 
+from distill.deploy.export_hf import HFFolder, write_hf
+from distill.deploy.export_openclip import OpenClipFolder, write_open_clip
 from distill.deploy.parity import (
     INT8_MIN_COSINE,
     MIN_COSINE,
+    ParityError,
     check_parity,
     eval_items,
     parity_inputs,
@@ -41,9 +51,15 @@ from distill.deploy.runtime import MANIFEST, ExportedModel
 from distill.errors import ConfigError
 from distill.io import atomic_folder
 from distill.models.base import Encoder
+from distill.models.dual_encoder import DualEncoder
+from distill.models.hf_clip import HFClip
+from distill.models.openclip import OpenClip
 from distill.training.checkpoint import load_checkpoint
 
 FORMATS = {"onnx": ("image.onnx", "text.onnx"), "torchscript": ("image.pt", "text.pt")}
+LIBRARY_FORMATS = {"open_clip": "open_clip", "hf": "transformers"}
+"""Formats whose folder its own library (the value) loads: no manifest, no `distill` runtime."""
+INFO = "distill_export.json"
 QUANTIZATIONS = ("int8",)
 OPSET = 17
 
@@ -143,9 +159,17 @@ def quantize_int8(source: Path, target: Path) -> None:
         logging.disable(logging.NOTSET)
 
 
+def formats_for(encoder: Encoder) -> tuple[str, ...]:
+    """The export formats that apply to a model."""
+    if isinstance(encoder, OpenClip | DualEncoder):
+        return (*FORMATS, "open_clip")
+    return (*FORMATS, "hf") if isinstance(encoder, HFClip) else tuple(FORMATS)
+
+
 def _check_output(output: Path) -> None:
     """Refuse to replace a folder that is not an earlier export."""
-    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / MANIFEST).is_file())):
+    earlier = (output / MANIFEST).is_file() or (output / INFO).is_file()
+    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not earlier)):
         raise ConfigError(f"--output: {output} exists and is not an export folder; choose another path")
 
 
@@ -169,7 +193,8 @@ def export_checkpoint(
 
     Args:
         checkpoint: A `.ckpt` written by `distill fit`.
-        format: "onnx" or "torchscript".
+        format: "onnx" or "torchscript"; "open_clip" (an open_clip or dual-encoder model) or
+            "hf" (a transformers model) for a folder that library loads by itself.
         model: Which model of the checkpoint's config (default `eval.model`).
         output: The export folder (default `<checkpoint folder>/export-<model>-<format>`);
             an earlier export there is replaced.
@@ -184,22 +209,36 @@ def export_checkpoint(
         The export folder.
 
     Raises:
-        ConfigError: A missing checkpoint, unknown model, format or quantisation.
-        ParityError: The export's embeddings differ from PyTorch's.
+        ConfigError: A missing checkpoint, unknown model, format or quantisation, a format
+            that does not apply to the model.
+        ParityError: The export's embeddings differ from PyTorch's (or, for open_clip and
+            hf, that library cannot load the folder back).
     """
-    _choice(format, FORMATS, "--format")
+    _choice(format, (*FORMATS, *LIBRARY_FORMATS), "--format")
     _choice(quantize_text, QUANTIZATIONS, "--quantize-text")
     if quantize_text and format != "onnx":
         raise ConfigError(f"--quantize-text: quantisation needs --format onnx, got {format!r}")
+    if weights and format in LIBRARY_FORMATS:
+        raise ConfigError(f"--weights: a --format {format} folder holds the weights already; leave --weights out")
     module = load_checkpoint(checkpoint)
     name, encoder = pick_encoder(module, model, checkpoint)
+    if format not in formats_for(encoder):
+        spec = module.config.models[name]
+        raise ConfigError(f"--format {format}: model {name!r} ({spec.type}, {type(encoder).__name__}) exports "
+                          f"only as {', '.join(formats_for(encoder))}")
     output = Path(output) if output else Path(checkpoint).parent / f"export-{name}-{format}"
     _check_output(output)
     pics, texts = parity_inputs(module.config, images=images, captions=captions, n=parity_images)
     with atomic_folder(output) as tmp:  # an earlier export of the same path is replaced whole
-        manifest = _export(module.config, name, encoder, tmp, output, format, pics, texts, quantize_text, weights)
-        manifest["source"] = str(Path(checkpoint).resolve())
-        _write_manifest(tmp, manifest)
+        if format in LIBRARY_FORMATS:
+            spec = module.config.models[name]
+            info = _export_library(name, encoder, tmp, output, format, _plain(spec.args), pics, texts)
+            info.update(source=str(Path(checkpoint).resolve()), type=spec.type)
+            (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
+        else:
+            manifest = _export(module.config, name, encoder, tmp, output, format, pics, texts, quantize_text, weights)
+            manifest["source"] = str(Path(checkpoint).resolve())
+            _write_manifest(tmp, manifest)
     return output
 
 
@@ -252,6 +291,32 @@ def _export(
     return manifest
 
 
+def _export_library(
+    name: str, encoder: Encoder, tmp: Path, output: Path, fmt: str, args: dict[str, Any], pics: list[Any],
+    texts: list[str],
+) -> dict[str, Any]:
+    """Write an open_clip or transformers folder into `tmp`, load it back with that library
+    and check parity; return the `distill_export.json` content."""
+    if fmt == "open_clip":
+        _, tokens = _example_inputs(encoder, pics, texts)
+        config, notes = write_open_clip(encoder, tmp, output, args, tokens)
+        load: Any = OpenClipFolder
+    else:
+        notes = write_hf(encoder, tmp, args)  # type: ignore[arg-type] - formats_for checked the type
+        load = partial(HFFolder, max_length=notes["max_length"])
+    try:
+        loaded = load(tmp)
+    except (RuntimeError, ValueError, OSError, KeyError) as e:  # e.g. a strict load_state_dict mismatch
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ParityError(f"{output}: {LIBRARY_FORMATS[fmt]} cannot load the exported folder back: {reason}") from e
+    parity: dict[str, Any] = dict(check_parity(loaded, encoder, pics, texts, name=output))
+    parity.update(min_cosine=MIN_COSINE, images=len(pics), captions=len(texts))
+    if fmt == "open_clip":
+        config.write(tmp, output)  # its paths now name the final place (parity read them in tmp)
+    embed_dim = int(loaded.encode_texts(texts[:1]).shape[-1])
+    return {"format": fmt, "model": name, "embed_dim": embed_dim, "parity": parity, **notes}
+
+
 def _plain(args: Any) -> Any:
     """Model arguments as plain JSON values (omegaconf containers included)."""
     return OmegaConf.to_container(args) if OmegaConf.is_config(args) else json.loads(json.dumps(args or {}))
@@ -259,14 +324,19 @@ def _plain(args: Any) -> Any:
 
 def summary(folder: str | Path) -> str:
     """What `distill export` prints: the folder, the parity measured and any int8 recall cost."""
-    m = json.loads((Path(folder) / MANIFEST).read_text())
+    info = Path(folder) / INFO
+    m = json.loads((info if info.is_file() else Path(folder) / MANIFEST).read_text())
     p = m["parity"]
     lines = [
         f"wrote {folder}: {m['format']}, model {m['model']!r}, {m['embed_dim']}-d embeddings",
         f"parity vs PyTorch over {p['images']} images / {p['captions']} captions: "
         f"worst cosine image {p['image']:.6f}, text {p['text']:.6f}",
     ]
-    if m["text"]["quantized"]:
+    if m["format"] in LIBRARY_FORMATS:
+        lines[-1] = lines[-1].replace("vs PyTorch", f"loaded back by {LIBRARY_FORMATS[m['format']]} vs PyTorch")
+        for key, path in m.get("absolute_paths", {}).items():
+            lines.append(f"{key} names {path} (edit it if the folder moves)")
+    elif m["text"]["quantized"]:
         r = p["int8_recall"]
         lines[-1] += f" (int8 text, bound {p['text_min_cosine']}; fp32 text {p['text_fp32']:.6f})"
         lines.append(f"int8 text recall cost on the {r['split']} split ({r['images']} images, {r['captions']} captions):")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +30,19 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 class ParityError(RuntimeError):
     """An export whose embeddings differ from PyTorch's; the message is one line."""
+
+
+class Exported(Protocol):
+    """An export loaded by its runtime: `ExportedModel`, or an open_clip / transformers
+    folder loaded by its own library (`manifest[modality]["file"]` names the file an error
+    blames)."""
+
+    folder: Path
+    manifest: dict[str, Any]
+
+    def encode_images(self, images: Sequence[Image.Image], /) -> np.ndarray: ...
+
+    def encode_texts(self, captions: Sequence[str], /) -> np.ndarray: ...
 
 
 def eval_items(config: Any, split: str | None = None, limit: int | None = None) -> tuple[str, list[EvalImage]]:
@@ -115,7 +128,7 @@ def _worst(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def check_parity(
-    exported: ExportedModel,
+    exported: Exported,
     encoder: Encoder,
     images: Sequence[Image.Image],
     captions: Sequence[str],
