@@ -92,7 +92,7 @@ def test_onnx_export_folder_and_parity(onnx_folder: Path, checkpoint: Path) -> N
         "file": "image.onnx", "size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "shortest",
         "resize_size": None, "crop": True, "interpolation": "bicubic", "backend": "pil", "fill": 0, "floor_crop": False,
     }
-    assert manifest["text"] == {"file": "text.onnx", "max_length": 24, "quantized": None}
+    assert manifest["text"] == {"file": "text.onnx", "max_length": 24, "padding": "longest", "quantized": None}
     assert manifest["source"] == str(checkpoint.resolve()) and manifest["weights"] is None
     assert (onnx_folder / "tokenizer" / "tokenizer.json").is_file()
     parity = manifest["parity"]

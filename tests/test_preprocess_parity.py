@@ -155,3 +155,21 @@ def test_bad_options_are_one_line_errors() -> None:
         PixelSpec(size=32, mean=(0,) * 3, std=(1,) * 3, resize="crop")
     with pytest.raises(ConfigError, match="image interpolation 'cubic' is not one of"):
         PixelSpec(size=32, mean=(0,) * 3, std=(1,) * 3, interpolation="cubic")
+
+
+def test_siglip_captions_are_padded_to_the_full_length_it_pools_from(tmp_path: Path) -> None:
+    """SigLIP's text tower pools the last position: padded to the longest caption, a short
+    caption would be pooled from a pad token."""
+    from transformers import AutoTokenizer, SiglipModel
+
+    folder = save_tiny_siglip(tmp_path / "siglip")
+    teacher = HFClip(path=str(folder)).eval()
+    captions = ["a red circle", "two small blue squares to the left of a large green triangle"]
+    tokens = teacher.text_preprocess()(captions)
+    assert tokens["input_ids"].shape == (2, 24)  # the model's 24 positions, not the longest caption
+    user = SiglipModel.from_pretrained(str(folder)).eval()
+    ref = AutoTokenizer.from_pretrained(str(folder))(captions, padding="max_length", max_length=24, return_tensors="pt")
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(user.get_text_features(**ref).pooler_output, dim=-1)
+        torch.testing.assert_close(teacher.encode_text(tokens["input_ids"], tokens["attention_mask"]), want)
+    assert teacher.text_preprocess().key()[-1] == "max_length"

@@ -3,7 +3,7 @@ folder in a standard format (`open_clip`, `hf`) that its own library loads witho
 
 ```
 DIR/manifest.json       format, model, embed_dim, image {file, size, mean, std, resize, ...: distill.pixels.PixelSpec},
-                        text {file, max_length, quantized}, tokenizer, source, parity, weights
+                        text {file, max_length, padding, quantized}, tokenizer, source, parity, weights
 DIR/image.onnx, text.onnx   (image.pt, text.pt for TorchScript): graph and weights in one file
 DIR/tokenizer/          the Hugging Face tokenizer (save_pretrained)
 DIR/weights.safetensors only with `weights=True`: the PyTorch state_dict alone
@@ -263,7 +263,7 @@ def _export(
         "model": name,
         "embed_dim": embed_dim,
         "image": {"file": image_file, **image_pre.to_dict()},
-        "text": {"file": text_file, "max_length": text_pre.max_length, "quantized": None},
+        "text": {"file": text_file, "max_length": text_pre.max_length, "padding": text_pre.padding, "quantized": None},
         "tokenizer": "tokenizer",
         "source": None,
         "parity": {},
@@ -303,7 +303,7 @@ def _export_library(
         load: Any = OpenClipFolder
     else:
         notes = write_hf(encoder, tmp, args)  # type: ignore[arg-type] - formats_for checked the type
-        load = partial(HFFolder, max_length=notes["max_length"])
+        load = partial(HFFolder, max_length=notes["max_length"], padding=notes["padding"])
     try:
         loaded = load(tmp)
     except (RuntimeError, ValueError, OSError, KeyError) as e:  # e.g. a strict load_state_dict mismatch

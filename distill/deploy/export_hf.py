@@ -34,14 +34,14 @@ def _features(out: Any) -> torch.Tensor:
 class HFFolder:
     """A `--format hf` export loaded by transformers alone: what the parity check compares."""
 
-    def __init__(self, folder: Path, max_length: int) -> None:
+    def __init__(self, folder: Path, max_length: int, padding: str = "longest") -> None:
         from transformers import (  # transformers: heavy, imported when an export loads
             AutoImageProcessor,
             AutoModel,
             AutoTokenizer,
         )
 
-        self.folder, self.max_length = folder, max_length
+        self.folder, self.max_length, self.padding = folder, max_length, padding
         self.manifest = {"image": {"file": WEIGHTS}, "text": {"file": WEIGHTS}}
         self.model = AutoModel.from_pretrained(str(folder)).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -60,7 +60,7 @@ class HFFolder:
     def encode_texts(self, captions: Sequence[str]) -> np.ndarray:
         if not captions:
             return np.zeros((0, self._dim()), dtype=np.float32)
-        tokens = self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_length,
+        tokens = self.tokenizer(list(captions), padding=self.padding, truncation=True, max_length=self.max_length,
                                 return_tensors="pt")
         return self._run(self.model.get_text_features, input_ids=tokens["input_ids"],
                          attention_mask=tokens["attention_mask"])
@@ -86,4 +86,5 @@ def write_hf(encoder: HFClip, tmp: Path, args: dict[str, Any]) -> dict[str, Any]
     encoder.model.save_pretrained(str(tmp))
     encoder.tokenizer.save_pretrained(str(tmp))
     load_pretrained(AutoImageProcessor, str(args["path"]), "image processor").save_pretrained(str(tmp))
-    return {"architecture": type(encoder.model).__name__, "max_length": encoder.max_length}
+    return {"architecture": type(encoder.model).__name__, "max_length": encoder.max_length,
+            "padding": encoder.padding}

@@ -119,6 +119,7 @@ class ExportedModel:
         self.pixels = PixelSpec.from_dict(image)
         self.size = self.pixels.out_size[0]
         self.max_length = int(text["max_length"])
+        self.padding = text.get("padding", "longest")
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder / self.manifest["tokenizer"]))
         fmt = self.manifest["format"]
         if fmt == "onnx":
@@ -138,7 +139,7 @@ class ExportedModel:
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """`input_ids` and `attention_mask`, (N, L) int64, padded to the longest caption."""
         enc = self.tokenizer(
-            list(texts), padding="longest", truncation=True, max_length=self.max_length, return_tensors="np"
+            list(texts), padding=self.padding, truncation=True, max_length=self.max_length, return_tensors="np"
         )
         return {k: enc[k].astype(np.int64, copy=False) for k in ("input_ids", "attention_mask")}
 

@@ -47,19 +47,23 @@ class TextPreprocess:
 
     tokenizer: Any
     max_length: int = 32
+    padding: str = "longest"
+    """`longest` (pad to the batch's longest caption) or `max_length` (always `max_length`
+    tokens: text towers that pool the last position, as SigLIP's does, were trained so)."""
     deterministic: ClassVar[bool] = True
     """False in a subclass that augments captions (token dropout, paraphrases); see above."""
 
     def key(self) -> tuple:
         """Identity used to share one tokenisation among models that agree."""
         name = getattr(self.tokenizer, "name_or_path", "") or type(self.tokenizer).__name__
-        return ("text", name, len(self.tokenizer), self.max_length)
+        key = ("text", name, len(self.tokenizer), self.max_length)
+        return key if self.padding == "longest" else (*key, self.padding)
 
     def __call__(self, captions: list[str]) -> dict[str, Tensor]:
         """Captions -> {"input_ids", "attention_mask"}, each (N, L) int64, padded to the longest."""
         enc = self.tokenizer(
             list(captions),
-            padding="longest",
+            padding=self.padding,
             truncation=True,
             max_length=self.max_length,
             return_tensors="pt",

@@ -44,6 +44,8 @@ class HFClip(Encoder):
         self.pixels = load_image_spec(path)
         positions = getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", 77)
         self.max_length = min(max_length, positions)
+        # SigLIP's text tower pools its last position: captions padded to the full length, as it was trained
+        self.padding = "max_length" if self.model.config.model_type in ("siglip", "siglip2") else "longest"
 
     @classmethod
     def describe(cls, *, path: str, **_: Any) -> dict[str, int]:
@@ -61,7 +63,7 @@ class HFClip(Encoder):
         return ImagePreprocess(**vars(self.pixels))
 
     def text_preprocess(self) -> TextPreprocess:
-        return TextPreprocess(tokenizer=self.tokenizer, max_length=self.max_length)
+        return TextPreprocess(tokenizer=self.tokenizer, max_length=self.max_length, padding=self.padding)
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         return l2norm(_features(self.model.get_image_features(pixel_values=pixel_values)))
