@@ -1,5 +1,5 @@
 """Datasets; `DATASETS` imports every module here on first lookup ("webdataset", "karpathy",
-"synthetic"). Pure torch and webdataset: the Lightning data module is in `distill.training`."""
+"hf_datasets", "synthetic"). Pure torch and webdataset: the Lightning data module is in `distill.training`."""
 
 from distill.data.base import CaptionDataset, EvalImage, Part, Sample, split_items
 
