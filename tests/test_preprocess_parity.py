@@ -28,7 +28,7 @@ def images() -> list[Image.Image]:
 
 
 def hf_processors() -> list:
-    from transformers import CLIPImageProcessor, SiglipImageProcessor
+    from transformers import BlipImageProcessor, CLIPImageProcessor, SiglipImageProcessor
     from transformers.models.clip import CLIPImageProcessorPil
     from transformers.models.siglip import SiglipImageProcessorPil
 
@@ -39,10 +39,11 @@ def hf_processors() -> list:
         SiglipImageProcessor(size={"height": 32, "width": 32}, resample=2),  # released SigLIPs: bilinear
         SiglipImageProcessorPil(size={"height": 32, "width": 48}, resample=2),
         CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, resample=2),
+        BlipImageProcessor(size={"height": 32, "width": 32}),  # blip_itm: squashed, bicubic
     ]
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(6))
 def test_hf_processors(index: int) -> None:
     processor = hf_processors()[index]
     spec = from_hf_processor(processor, "test")
@@ -52,7 +53,8 @@ def test_hf_processors(index: int) -> None:
 
 
 def test_spec_reads_what_each_processor_does() -> None:
-    clip, clip_pil, siglip, siglip_pil, _ = (from_hf_processor(p, "t") for p in hf_processors())
+    clip, clip_pil, siglip, siglip_pil, _, blip = (from_hf_processor(p, "t") for p in hf_processors())
+    assert (blip.resize, blip.crop, blip.interpolation) == ("squash", False, "bicubic")
     assert (clip.resize, clip.resize_size, clip.crop, clip.backend) == ("shortest", 40, True, "tensor")
     assert (clip_pil.backend, clip_pil.floor_crop) == ("pil", True)
     assert (siglip.resize, siglip.crop, siglip.interpolation, siglip.out_size) == ("squash", False, "bilinear", (32, 32))
