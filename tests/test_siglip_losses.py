@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from distill.batch import Batch
 from distill.core.graph import Edge, KnowledgeGraph
 from distill.losses.base import ArgumentError, EdgeContext
-from distill.models.base import Encoder, l2norm
 from distill.registry import LOSSES
+from tests.test_ddp import D_IN, ROWS, VOCAB, LinearDual
 
 RTOL = 1e-5
 ATOL = 1e-6
@@ -358,25 +358,7 @@ def test_a_bad_siglip_argument_is_reported_at_its_yaml_path(tmp_path, data_root)
 # DDP: two gloo processes with half batches equal one process with the whole batch
 # --------------------------------------------------------------------------------------
 
-D_IN, VOCAB = 12, 30
-ROWS = [3, 5]  # unequal local batches on purpose
 DDP_IDS = [0, 1, 2, 2, 3, 4, 4, 5]  # image 2's two captions sit on different ranks
-
-
-class LinearDual(Encoder):
-    def __init__(self, dim: int, seed: int) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.img = nn.Linear(D_IN, dim)
-        self.txt = nn.EmbeddingBag(VOCAB, dim)
-        for p in self.parameters():
-            p.data = torch.randn(p.shape, generator=g, dtype=torch.float64).float()
-
-    def encode_image(self, pixel_values: Tensor) -> Tensor:
-        return l2norm(self.img(pixel_values))
-
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return l2norm(self.txt(input_ids))
 
 
 def ddp_graph() -> KnowledgeGraph:
