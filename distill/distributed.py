@@ -12,6 +12,12 @@ keeps the local slice: since each rank's loss is the same function of the same g
 batch, each local slice receives W x dL/de_local, and DDP's gradient averaging over the W
 ranks divides that back out, so parameter gradients equal single-process training on the
 concatenated batch (the scaling pitfall of open_clip#616). Local batches may differ in size.
+
+Under `trainer.local_loss` each rank instead computes only its own rows' share L_r of the
+global loss L = sum_r L_r (rows of the rank against every gathered column, open_clip's
+`local_loss`): the backward's sum then gives each local slice dL/de_local exactly, and the
+graph trains on W x L_r so that DDP's averaging again yields the single-process gradient
+(`distill.core.graph.KnowledgeGraph.forward`).
 """
 
 from __future__ import annotations
@@ -108,6 +114,17 @@ class _GatherWithGrad(torch.autograd.Function):
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = sum(ctx.sizes[: ctx.rank])
         return grad[start : start + ctx.sizes[ctx.rank]], None
+
+
+def sum_over_ranks(x: Tensor) -> Tensor:
+    """The sum of `x` over every rank, detached (for values that are logged, not trained);
+    `x` itself when not distributed."""
+    x = x.detach()
+    if world_size() == 1:
+        return x
+    total = x.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
 
 
 def gather(x: Tensor, sizes: list[int], *, with_grad: bool) -> Tensor:

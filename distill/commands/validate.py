@@ -9,6 +9,7 @@ from distill.config.schema import Config
 from distill.core.build import models_to_load
 from distill.core.check import load_checked, model_nodes
 from distill.core.graph import split_node
+from distill.core.schedule import is_schedule, weight_schedule
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,8 +40,10 @@ def describe(config: Config) -> str:
         chosen = [(n, e) for n, e in config.edges.items() if e.enabled is flag]
         lines.append(title if chosen else f"{title} none")
         for name, e in chosen:
-            note = "  (monitored: weight 0, no gradient)" if flag and e.weight == 0 else ""
-            lines.append(f"  {name:<14} {e.loss:<15} w={e.weight:<6g} {' , '.join(e.inputs)}{note}")
+            weight = weight_schedule(e.weight, f"edges.{name}.weight")
+            note = "  (monitored: weight 0, no gradient)" if flag and weight.extremes() == (0, 0) else ""
+            shown = weight.describe() if is_schedule(e.weight) else f"{e.weight:<6g}"
+            lines.append(f"  {name:<14} {e.loss:<15} w={shown} {' , '.join(e.inputs)}{note}")
     if config.stages:  # a staged run enables each stage's edges in turn (distill.training.stages)
         lines.append("stages (each enables only its own edges):")
         for i, st in enumerate(config.stages):

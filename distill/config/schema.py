@@ -30,7 +30,10 @@ class EdgeConfig:
 
     loss: str = MISSING
     inputs: list[str] = MISSING
-    weight: float = 1.0
+    weight: Any = 1.0
+    """A number, or a schedule over training steps, e.g. `{schedule: cosine, start: 1.0, end:
+    0.1, steps: 1000}` (kinds and checks: `distill.core.schedule`); values finite and >= 0.
+    A loss's fixed temperatures in `args` may be schedules too (the loss's `schedulable`)."""
     enabled: bool = True
     args: dict[str, Any] = field(default_factory=dict)
 
@@ -86,6 +89,13 @@ class TrainerConfig:
     """A NaN or infinite loss: `error` stops the run at that step naming the edges; `skip`
     drops the step (no update), counts it as `train/nonfinite_skipped`, and stops after
     `distill.training.module.MAX_SKIPPED_IN_A_ROW` skipped steps in a row."""
+    local_loss: bool = False
+    """Under DDP, each rank computes its in-batch losses only for its own rows against the
+    gathered batch (B_local x B_global matrices instead of B_global x B_global, open_clip's
+    `local_loss`), with the same gradients and logged values as computing them whole. Every
+    built-in in-batch loss supports it; a loss that does not declare
+    `distill.losses.base.EdgeLoss.local_loss` (e.g. an older plugin) is computed whole on
+    every rank as before. No effect on one process. See docs/cluster.md."""
     loggers: list[Any] = field(default_factory=lambda: ["csv"])
     """Experiment trackers (Lightning's loggers), each a name (`csv`, `tensorboard`, `wandb`,
     `mlflow`) or `{name: ..., args: {...}}` with arguments for the Lightning logger; a resumed

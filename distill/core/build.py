@@ -9,6 +9,7 @@ from torch import Tensor
 from distill.config.schema import Config
 from distill.core.check import load_plugins, model_nodes
 from distill.core.graph import Edge, KnowledgeGraph, split_node
+from distill.core.schedule import is_schedule, split_scheduled, weight_schedule
 from distill.errors import ConfigError
 from distill.models.base import Encoder
 from distill.models.inherit import apply_init, init_order
@@ -55,10 +56,18 @@ def build_graph(
     models = load_models(config, models_to_load(config, cached))
     edges = []
     for name, spec in config.edges.items():
-        loss = LOSSES.get(spec.loss)(**spec.args)
-        loss.setup({slot: nodes[n] for slot, n in zip(loss.inputs, spec.inputs)})
-        edges.append(Edge(name, loss, list(spec.inputs), spec.weight, spec.enabled))
+        cls = LOSSES.get(spec.loss)
+        args, schedules = split_scheduled(spec.args, cls, f"edges.{name}.args", [])  # problems: check()'s
+        loss = cls(**args)
+        slots = cls.slots(len(spec.inputs)) or cls.inputs
+        loss.bind(slots)
+        loss.setup({slot: nodes[n] for slot, n in zip(slots, spec.inputs)})
+        weight = weight_schedule(spec.weight, f"edges.{name}.weight")
+        if is_schedule(spec.weight):
+            schedules = {"weight": weight, **schedules}
+        edges.append(Edge(name, loss, list(spec.inputs), weight(0), spec.enabled, schedules))
     frozen = [n for n in models if config.models[n].frozen]
     graph = KnowledgeGraph(models, edges, frozen, cached)
+    graph.local_loss = config.trainer.local_loss
     graph.cast_frozen({n: config.models[n].precision for n in frozen})
     return graph

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 from distill.config.load import read_config
 from distill.config.schema import Config
 from distill.config.signature import check_kwargs
+from distill.core.schedule import schedule_problems, split_scheduled, weight_schedule
 from distill.data.base import open_dataset
 from distill.errors import ConfigError
 from distill.losses.base import ArgumentError
@@ -133,14 +134,15 @@ def _check_edge(
     name: str, edge: Any, nodes: dict[str, int], frozen: set[str], broken: set[str], problems: list[str]
 ) -> None:
     path = f"edges.{name}"
-    cls, args_ok = _registered(LOSSES, edge.loss, path, "loss", edge.args, problems)
+    registered = edge.loss in LOSSES  # an unknown name is reported once, by _registered
+    args, schedules = split_scheduled(edge.args, LOSSES.get(edge.loss) if registered else None, f"{path}.args",
+                                      problems if registered else [])  # a scheduled argument: its step-0 value
+    cls, args_ok = _registered(LOSSES, edge.loss, path, "loss", args, problems)
     if cls is None:
         return
-    if len(edge.inputs) != len(cls.inputs):
-        problems.append(
-            f"{path}.inputs: loss {edge.loss!r} takes {len(cls.inputs)} inputs "
-            f"({', '.join(cls.inputs)}), got {len(edge.inputs)}"
-        )
+    slots = cls.slots(len(edge.inputs))
+    if slots is None:
+        problems.append(f"{path}.inputs: loss {edge.loss!r} takes {cls.takes()}, got {len(edge.inputs)}")
         return
     known = True
     for i, node in enumerate(edge.inputs):
@@ -155,7 +157,7 @@ def _check_edge(
             )
     if not known or not args_ok:
         return
-    for i, (slot, node) in enumerate(zip(cls.inputs, edge.inputs)):
+    for i, (slot, node) in enumerate(zip(slots, edge.inputs)):
         if (slot == "pair") != node.endswith(".pair"):  # a fused model's pair scorer is no embedding
             want = "a fused model's pair node (<model>.pair)" if slot == "pair" else "an embedding node, not a pair scorer"
             problems.append(f"{path}.inputs[{i}]: slot {slot!r} of loss {edge.loss!r} takes {want}; got {node!r}")
@@ -163,14 +165,16 @@ def _check_edge(
     if not known:
         return
     try:
-        loss = cls(**edge.args)
+        loss = cls(**args)
+        loss.bind(slots)
     except ArgumentError as e:
         problems.append(f"{path}.args.{e.argument}: {e}")
         return
     except (ValueError, TypeError) as e:
         problems.append(f"{path}.args: {e}")
         return
-    dims = {slot: nodes[node] for slot, node in zip(cls.inputs, edge.inputs)}
+    problems += schedule_problems(loss, schedules, f"{path}.args")
+    dims = {slot: nodes[node] for slot, node in zip(slots, edge.inputs)}
     dim_problem = loss.dim_problem(dims)
     if dim_problem:
         shown = ", ".join(f"{n} ({nodes[n]})" for n in dict.fromkeys(edge.inputs))
@@ -181,14 +185,15 @@ def _check_edge(
         )
 
 
-def _check_weight(name: str, weight: float, problems: list[str]) -> None:
-    """An edge weight is finite and >= 0. Zero is allowed: the edge is computed and logged
-    (`train/edge/<name>`) but contributes no gradient, a monitored edge that `distill
-    validate` labels as such; to skip the edge and its nodes' forward passes, disable it."""
-    if not math.isfinite(weight):
-        problems.append(f"edges.{name}.weight: must be a finite number, got {weight}")
-    elif weight < 0:
-        problems.append(f"edges.{name}.weight: must be >= 0 (a negative weight maximises the loss), got {weight}")
+def _check_weight(name: str, weight: Any, problems: list[str]) -> None:
+    """An edge weight is a number or a schedule (`distill.core.schedule`), every value finite
+    and >= 0. Zero is allowed: the edge is computed and logged (`train/edge/<name>`) but
+    contributes no gradient, a monitored edge that `distill validate` labels as such; to skip
+    the edge and its nodes' forward passes, disable it."""
+    try:
+        weight_schedule(weight, f"edges.{name}.weight")
+    except ConfigError as e:
+        problems.extend(e.problems)
 
 
 def _positive(x: Any) -> bool:
@@ -252,6 +257,7 @@ def field_problems(config: Config) -> list[str]:
         ("trainer.strategy", t.strategy, known_strategy(t.strategy), f"one of {', '.join(STRATEGIES)}"),
         ("trainer.devices", t.devices, _devices(t.devices), "'auto', -1 (all), a count >= 1, a list of device ids or '0,1'"),
         ("trainer.nonfinite", t.nonfinite, t.nonfinite in NONFINITE, f"one of {', '.join(NONFINITE)}"),
+        ("trainer.local_loss", t.local_loss, isinstance(t.local_loss, bool), "true or false"),
         ("eval.chunk_size", config.eval.chunk_size, _count(config.eval.chunk_size, 1), "an integer >= 1"),
         ("eval.split", config.eval.split, config.eval.split in SPLITS, f"one of {', '.join(SPLITS)}"),
     ]  # fmt: skip
@@ -384,14 +390,30 @@ def check(config: Config, *, data: bool = False) -> list[str]:
         problems += stage_problems(config)
     if data and not any(p.startswith(("data.dataset", "data.args")) for p in problems):
         problems += data_problems(config)
-    global_edges = [n for n in enabled if n in config.edges and _is_global(config.edges[n].loss)]
-    if config.trainer.accumulate_grad_batches > 1 and global_edges:
-        problems.append(
-            "trainer.accumulate_grad_batches: gradient accumulation would shrink the batch that "
-            f"in-batch losses compare against (edges {', '.join(global_edges)}); raise "
-            "data.batch_size or add devices instead"
-        )
+    if exact_accumulation(config) > 1:
+        pair = [n for e in enabled if e in config.edges for n in config.edges[e].inputs
+                if n.endswith(".pair") and n.split(".", 1)[0] in config.models
+                and not config.models[n.split(".", 1)[0]].frozen]
+        if pair:
+            problems.append(
+                f"trainer.accumulate_grad_batches: node {pair[0]} is a trainable cross-encoder scoring pairs "
+                "inside its loss: it has no output to cache per micro-batch, so in-batch edges cannot be "
+                "accumulated exactly; raise data.batch_size or add devices instead"
+            )
     return problems
+
+
+def exact_accumulation(config: Config) -> int:
+    """K when `trainer.accumulate_grad_batches: K > 1` meets an enabled in-batch edge: the
+    loader then yields K x `data.batch_size` rows and the step accumulates them exactly
+    (`distill.training.gradcache`); 1 when Lightning's own accumulation is exact (per-sample
+    losses) or there is none."""
+    k = config.trainer.accumulate_grad_batches
+    if not isinstance(k, int) or k <= 1:
+        return 1
+    stage_edges = [e for s in config.stages for e in s.edges] if config.stages else []
+    enabled = [n for n, e in config.edges.items() if e.enabled] + stage_edges
+    return k if any(n in config.edges and _is_global(config.edges[n].loss) for n in enabled) else 1
 
 
 def _is_global(loss: str) -> bool:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
 from distill.batch import Batch
-from distill.distributed import batch_sizes, gather, world_size
+from distill.core.schedule import Schedule
+from distill.distributed import batch_sizes, gather, rank, sum_over_ranks, world_size
 from distill.losses.base import EdgeContext, EdgeLoss
 from distill.models.base import Encoder
 
@@ -28,6 +29,9 @@ class Edge:
     inputs: list[str]
     weight: float = 1.0
     enabled: bool = True
+    schedules: dict[str, Schedule] = field(default_factory=dict)
+    """`weight` and scheduled loss arguments -> their schedule; `KnowledgeGraph.set_step`
+    sets `weight` and the loss's arguments to their values at a training step."""
 
 
 def split_node(node: str) -> tuple[str, str]:
@@ -49,6 +53,10 @@ class KnowledgeGraph(nn.Module):
             be in `models`.
     """
 
+    local_loss: bool = False
+    """`trainer.local_loss` (set by `distill.core.build.build_graph`): under DDP, losses that
+    declare `local_loss` compute only this rank's rows against the gathered batch."""
+
     def __init__(
         self,
         models: dict[str, Encoder],
@@ -65,6 +73,29 @@ class KnowledgeGraph(nn.Module):
         for name in self.frozen:
             self.models[name].requires_grad_(False)
         self.set_enabled({n: e.enabled for n, e in self.edges.items()})
+        self.set_step(0)
+
+    def set_step(self, step: int) -> dict[str, float]:
+        """Move every schedule to training step `step`: scheduled edge weights and loss
+        arguments (fixed temperatures) take their values there. The training module calls
+        it before each step with Lightning's global step, which a resumed run restores, so
+        the schedules continue where they stopped.
+
+        Returns:
+            `<weight or argument>/<edge>` -> value, for the enabled edges' scheduled values.
+        """
+        self.step = step
+        values = {}
+        for edge in self.edges.values():
+            for name, schedule in edge.schedules.items():
+                value = schedule(step)
+                if name == "weight":
+                    edge.weight = value
+                else:
+                    edge.loss.set_argument(name, value)
+                if edge.enabled:
+                    values[f"{name}/{edge.name}"] = value
+        return values
 
     def set_enabled(self, enabled: dict[str, bool]) -> None:
         """Switch edges on or off; parameters of losses that are off stop training."""
@@ -118,12 +149,18 @@ class KnowledgeGraph(nn.Module):
 
         Losses that declare `global_batch` see every rank's rows (see `distill.distributed`);
         the others see local rows, scaled by W * B_local / B_global so that DDP's gradient
-        averaging yields the gradient of the global mean.
+        averaging yields the gradient of the global mean. With `local_loss` under DDP, a loss
+        that declares `local_loss` gets the gathered rows with `EdgeContext.rows` = this
+        rank's slice and returns this rank's share L_r of the global value; the total trains
+        on W x L_r (DDP divides by W again) but reads the global value sum_r L_r (one scalar
+        all-reduce per such edge), as do `edge/<name>`, so logs read alike in both modes.
         """
+        return self.losses_from({node: self.encode(node, batch) for node in self.needed_nodes()}, batch)
+
+    def losses_from(self, local: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
+        """`forward` from node outputs already encoded for `batch` (`distill.training.gradcache`
+        encodes them micro-batch by micro-batch)."""
         edges = self.enabled_edges()
-        local: dict[str, Tensor] = {}
-        for node in self.needed_nodes():
-            local[node] = self.encode(node, batch)
         n_local = len(batch)
         distributed = world_size() > 1
         sizes = batch_sizes(n_local, batch.image_ids.device) if distributed else [n_local]
@@ -138,10 +175,18 @@ class KnowledgeGraph(nn.Module):
 
         global_ctx = EdgeContext(image_ids=gather(batch.image_ids, sizes, with_grad=False), keys=batch.keys)
         local_ctx = EdgeContext(image_ids=batch.image_ids, keys=batch.keys)
+        start = sum(sizes[: rank()]) if distributed else 0
+        rows_ctx = replace(global_ctx, rows=slice(start, start + n_local))
+        local_mode = self.local_loss and distributed
         out: dict[str, Tensor] = {}
         total = torch.zeros((), device=batch.image_ids.device)
         for edge in edges:
-            if edge.loss.global_batch:
+            if edge.loss.global_batch and local_mode and edge.loss.local_loss:
+                share = edge.loss(*[global_node(n) for n in edge.inputs], ctx=rows_ctx)
+                value = sum_over_ranks(share)
+                scaled = share * world_size()
+                contribution = scaled - scaled.detach() + value  # the gradient of W x share, the global value
+            elif edge.loss.global_batch:
                 value = edge.loss(*[global_node(n) for n in edge.inputs], ctx=global_ctx)
                 contribution = value
             else:

@@ -20,11 +20,29 @@ class EdgeContext:
             declares `global_batch`; rows with the same id are positives of each other.
         keys: Sample keys of the local rows.
         extras: Per-batch extras other mechanisms attach (mined negatives, pair scorers).
+        rows: Under `trainer.local_loss` (a loss that declares `local_loss`), this rank's rows
+            within the gathered batch; the loss then returns only those rows' share of the
+            global value (see `EdgeLoss`). None: the whole batch, as without DDP.
     """
 
     image_ids: Tensor
     keys: list[str] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    rows: slice | None = None
+
+    @property
+    def size(self) -> int:
+        """N, the number of rows of the (gathered) batch: what per-row terms are averaged over."""
+        return int(self.image_ids.shape[0])
+
+    @property
+    def offset(self) -> int:
+        """Where this rank's rows start in the gathered batch (0 for the whole batch)."""
+        return 0 if self.rows is None else int(self.rows.start or 0)
+
+    def local(self, x: Tensor) -> Tensor:
+        """The rows of `x` (a gathered tensor) this call computes: `x[rows]`, or all of `x`."""
+        return x if self.rows is None else x[self.rows]
 
 
 class EdgeLoss(nn.Module):
@@ -37,16 +55,56 @@ class EdgeLoss(nn.Module):
             they differ (the projection is created by `setup` and trained).
         global_batch: If true, the graph hands the loss the batch gathered over all DDP
             ranks (trainable inputs with gradients, frozen ones without).
+        local_loss: If true, the loss honours `EdgeContext.rows` (`trainer.local_loss`): given
+            the gathered inputs, it computes only the terms of this rank's rows, so that the
+            values over a partition of the rows sum to the loss of the whole batch (a mean
+            over rows is then each row's term over the global N; the column terms of a
+            symmetric loss are those of the rank's columns, the rows of the transposed
+            matrix). Each rank then holds B_local x B_global matrices instead of
+            B_global x B_global. False (the default, e.g. a plugin written before the mode
+            existed): the graph computes the whole loss on every rank, as without the mode.
+        schedulable: Fixed temperature-like constructor arguments that YAML may give as a
+            schedule over training steps (`{schedule: linear, start: 0.1, end: 0.05, steps:
+            500}`, `distill.core.schedule`), each mapped to the attribute `forward` reads it
+            from; the graph sets it through `set_argument` before every step.
     """
 
     inputs: ClassVar[tuple[str, ...]] = ("a", "b")
     same_dim: ClassVar[tuple[tuple[str, ...], ...]] = (("a", "b"),)
     projectable: ClassVar[bool] = False
     global_batch: ClassVar[bool] = True
+    local_loss: ClassVar[bool] = False
+    schedulable: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self) -> None:
         super().__init__()
         self.proj: nn.Module | None = None
+
+    @classmethod
+    def slots(cls, n: int) -> tuple[str, ...] | None:
+        """The slot names of an edge that lists `n` input nodes, or None when the loss takes
+        no such number: `inputs` for exactly `len(inputs)` (a loss with a variable number of
+        inputs, like `similarity_kl_ensemble`, overrides this, `takes` and `bind`)."""
+        return cls.inputs if n == len(cls.inputs) else None
+
+    @classmethod
+    def takes(cls) -> str:
+        """What the loss takes as inputs, for the config check's message."""
+        return f"{len(cls.inputs)} inputs ({', '.join(cls.inputs)})"
+
+    def bind(self, slots: tuple[str, ...]) -> None:
+        """Called with the edge's slot names (`slots(len(inputs))`) before `dim_problem` and
+        `setup`; a loss with a variable number of inputs checks its arguments against them
+        here (raising `ArgumentError`). Nothing to do for a fixed number of inputs."""
+
+    def set_argument(self, name: str, value: float) -> None:
+        """Set the scheduled argument `name` (a key of `schedulable`) to its value at this step.
+
+        Raises:
+            ArgumentError: A value the constructor would refuse too.
+        """
+        check_temperature(value, name)
+        setattr(self, self.schedulable[name], float(value))
 
     def dim_problem(self, dims: Mapping[str, int]) -> str | None:
         """Describe a dimension mismatch between slots, or None when the dims are usable."""
@@ -72,27 +130,81 @@ class EdgeLoss(nn.Module):
         return F.normalize(self.proj(x.to(self.proj.weight.dtype)), dim=-1)
 
 
-def positive_mask(image_ids: Tensor) -> Tensor:
-    """(B, B) bool: rows i and j describe the same image."""
-    return image_ids[:, None] == image_ids[None, :]
+def positive_mask(image_ids: Tensor, column_ids: Tensor | None = None) -> Tensor:
+    """(B, C) bool: row i and column j describe the same image (columns: `image_ids` itself
+    unless `column_ids` are given)."""
+    return image_ids[:, None] == (image_ids if column_ids is None else column_ids)[None, :]
 
 
-def soft_targets(image_ids: Tensor) -> Tensor:
-    """(B, B) float targets: uniform over each row's positives (one-hot without duplicates)."""
-    pos = positive_mask(image_ids).float()
+def soft_targets(image_ids: Tensor, column_ids: Tensor | None = None) -> Tensor:
+    """(B, C) float targets: uniform over each row's positives (one-hot without duplicates)."""
+    pos = positive_mask(image_ids, column_ids).float()
     return pos / pos.sum(1, keepdim=True)
+
+
+def local_positives(ctx: EdgeContext) -> Tensor:
+    """(B_rows, N) bool: positives of the rows `ctx` computes among all N rows of the batch
+    (the same mask serves the transposed blocks: it is symmetric)."""
+    return positive_mask(ctx.local(ctx.image_ids), ctx.image_ids)
+
+
+def similarity_rows(x: Tensor, y: Tensor, ctx: EdgeContext) -> Tensor:
+    """The rows of S = x y^T that `ctx` computes: |R| x N (all of S for the whole batch)."""
+    return ctx.local(x) @ y.t()
+
+
+def similarity_blocks(x: Tensor, y: Tensor, ctx: EdgeContext) -> tuple[Tensor, Tensor]:
+    """The rows of S = x y^T that `ctx` computes, and the same rows of S^T (S's columns).
+
+    Whole batch: (S, S^T as a view). Local rows R: (x[R] y^T, y[R] x^T), each |R| x N, so
+    that a loss's column terms are computed for the rank's own columns.
+    """
+    if ctx.rows is None:
+        s = x @ y.t()
+        return s, s.t()
+    return ctx.local(x) @ y.t(), ctx.local(y) @ x.t()
+
+
+def similarity_logits(
+    x: Tensor, y: Tensor, ctx: EdgeContext, same: Tensor | None, columns: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The rows of S(x, y) that `ctx` computes and, with `columns`, the same rows of S^T; the
+    pairs of `same` (from `local_positives`, or None) are filled with -1e4, so that exp
+    underflows to 0 and they drop out of the softmaxes (the mask is symmetric: it serves
+    both blocks)."""
+
+    def fill(m: Tensor) -> Tensor:
+        return m if same is None else m.masked_fill(same, -1e4)
+
+    if not columns:
+        return fill(similarity_rows(x, y, ctx)), None
+    rows, cols = similarity_blocks(x, y, ctx)
+    if ctx.rows is None:  # cols is a view of rows: mask once
+        rows = fill(rows)
+        return rows, rows.t()
+    return fill(rows), fill(cols)
+
+
+def cross_entropy_soft_rows(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per row: -sum_j targets_ij * log softmax(logits)_ij."""
+    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)
 
 
 def cross_entropy_soft(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean over rows of -sum_j targets_ij * log softmax(logits)_ij."""
-    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    return cross_entropy_soft_rows(logits, targets).mean()
+
+
+def kl_per_row(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
+    """Per row: KL(softmax(teacher) || softmax(student))."""
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    return (t.exp() * (t - s)).sum(-1)
 
 
 def kl_rows(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
     """Mean over rows of KL(softmax(teacher) || softmax(student))."""
-    t = F.log_softmax(teacher_logits.float(), dim=-1)
-    s = F.log_softmax(student_logits.float(), dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean()
+    return kl_per_row(teacher_logits, student_logits).mean()
 
 
 def as_float(x: Tensor) -> Tensor:
@@ -122,7 +234,13 @@ __all__ = [
     "as_float",
     "check_temperature",
     "cross_entropy_soft",
+    "cross_entropy_soft_rows",
+    "kl_per_row",
     "kl_rows",
+    "local_positives",
     "positive_mask",
+    "similarity_blocks",
+    "similarity_logits",
+    "similarity_rows",
     "soft_targets",
 ]

@@ -117,6 +117,7 @@ class FusedKL(EdgeLoss):
     inputs = _SLOTS
     same_dim = (("student_image", "student_text"), ("teacher_image", "teacher_text"))
     global_batch = False
+    schedulable = {"student_temperature": "tau_s", "teacher_temperature": "tau_t", "fused_temperature": "tau_f"}
 
     def __init__(
         self, *, k: int = 8, mix: str = "prob", alpha: float = 0.5, student_temperature: float = 0.05,

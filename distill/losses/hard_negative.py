@@ -59,6 +59,7 @@ class HardNegative(EdgeLoss):
     inputs = ("query", "positive")
     same_dim = (("query", "positive"),)
     global_batch = False
+    schedulable = {"temperature": "tau"}
 
     def __init__(
         self,

@@ -12,6 +12,8 @@ same global gradient on every rank. Normalising by the local batch size instead 
 scale the loss by W. SigLIP's own chunked implementation, which never materialises the
 global B x B matrix, computes the same value; here each rank computes all B^2 pairs, which
 costs memory and compute per rank, but no more than the softmax losses already do.
+Under `trainer.local_loss` (`EdgeContext.rows`) a rank computes only its rows' pairs against
+every column, |R| x B_global, and their share of the sum over the global B.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from distill.losses.base import (
     EdgeLoss,
     as_float,
     check_temperature,
-    positive_mask,
+    local_positives,
+    similarity_rows,
 )
 from distill.registry import LOSSES
 
@@ -79,6 +82,7 @@ class SigLIP(EdgeLoss):
     same_dim = (("a", "b"),)
     projectable = True
     global_batch = True
+    local_loss = True
 
     def __init__(self, *, scale: float = 10.0, bias: float = -10.0, learnable: bool = True) -> None:
         super().__init__()
@@ -88,9 +92,9 @@ class SigLIP(EdgeLoss):
 
     def forward(self, a: Tensor, b: Tensor, *, ctx: EdgeContext) -> Tensor:
         a, b = as_float(self.project(a)), as_float(b)
-        z = self.logit_scale.exp() * (a @ b.t()) + self.logit_bias
-        signs = positive_mask(ctx.image_ids).float() * 2.0 - 1.0
-        return -F.logsigmoid(signs * z).sum() / z.shape[0]
+        z = self.logit_scale.exp() * similarity_rows(a, b, ctx) + self.logit_bias
+        signs = local_positives(ctx).float() * 2.0 - 1.0
+        return -F.logsigmoid(signs * z).sum() / ctx.size
 
 
 @LOSSES.register("sigmoid_kd")
@@ -122,6 +126,7 @@ class SigmoidKD(EdgeLoss):
     inputs = _SLOTS
     same_dim = _SAME
     global_batch = True
+    local_loss = True
 
     def __init__(
         self,
@@ -144,11 +149,11 @@ class SigmoidKD(EdgeLoss):
     def forward(
         self, student_a: Tensor, student_b: Tensor, teacher_a: Tensor, teacher_b: Tensor, *, ctx: EdgeContext
     ) -> Tensor:
-        s = self.logit_scale.exp() * (as_float(student_a) @ as_float(student_b).t()) + self.logit_bias
+        s = self.logit_scale.exp() * similarity_rows(as_float(student_a), as_float(student_b), ctx) + self.logit_bias
         with torch.no_grad():
-            t = self.teacher_scale * (as_float(teacher_a.detach()) @ as_float(teacher_b.detach()).t())
+            t = self.teacher_scale * similarity_rows(as_float(teacher_a.detach()), as_float(teacher_b.detach()), ctx)
             t = t + self.teacher_bias
             p = torch.sigmoid(t)
             log_p, log_not_p = F.logsigmoid(t), F.logsigmoid(-t)
         kl = p * (log_p - F.logsigmoid(s)) + (1.0 - p) * (log_not_p - F.logsigmoid(-s))
-        return kl.sum() / s.shape[0]
+        return kl.sum() / ctx.size

@@ -9,8 +9,10 @@ from distill.losses.base import (
     EdgeLoss,
     as_float,
     check_temperature,
-    kl_rows,
-    positive_mask,
+    kl_per_row,
+    local_positives,
+    similarity_logits,
+    similarity_rows,
 )
 from distill.registry import LOSSES
 
@@ -32,11 +34,18 @@ class SimilarityKL(EdgeLoss):
     of both softmaxes, as relational distillation usually does: in S(SI, SI) / tau the
     self-similarity 1 / tau dominates every row, so without the mask an intra-modal edge
     mostly teaches the student that an image resembles itself.
+
+    Local mode (`EdgeContext.rows` = R): the KL of the rows i in R plus (with `columns`) that
+    of the columns j in R (rows of the transposed matrices, b2[R] against every b1), over the
+    global N; the masks of `exclude_self` come from the gathered image ids, so the block's
+    diagonal (offset by R's start) and the copies on other ranks are excluded alike.
     """
 
     inputs = _SLOTS
     same_dim = _SAME
     global_batch = True
+    local_loss = True
+    schedulable = {"student_temperature": "tau_s", "teacher_temperature": "tau_t"}
 
     def __init__(
         self,
@@ -57,16 +66,17 @@ class SimilarityKL(EdgeLoss):
     def forward(
         self, student_a: Tensor, student_b: Tensor, teacher_a: Tensor, teacher_b: Tensor, *, ctx: EdgeContext
     ) -> Tensor:
-        s = as_float(student_a) @ as_float(student_b).t() / self.tau_s
-        t = as_float(teacher_a) @ as_float(teacher_b).t() / self.tau_t
+        same = None
         if self.exclude_self:
-            same = positive_mask(ctx.image_ids)
-            if not (~same).any(1).all():
+            ids = ctx.image_ids
+            if bool((ids == ids[0]).all()):  # then some row would have no pair left to compare
                 raise ValueError("exclude_self needs at least two images in the batch")
-            s, t = s.masked_fill(same, -1e4), t.masked_fill(same, -1e4)  # exp underflows to 0: out of both softmaxes
-        loss = kl_rows(t, s)
-        if self.columns:
-            loss = 0.5 * (loss + kl_rows(t.t(), s.t()))
+            same = local_positives(ctx)
+        s, s_cols = similarity_logits(as_float(student_a) / self.tau_s, as_float(student_b), ctx, same, self.columns)
+        t, t_cols = similarity_logits(as_float(teacher_a) / self.tau_t, as_float(teacher_b), ctx, same, self.columns)
+        loss = kl_per_row(t, s).sum() / ctx.size
+        if s_cols is not None and t_cols is not None:
+            loss = 0.5 * (loss + kl_per_row(t_cols, s_cols).sum() / ctx.size)
         return loss
 
 
@@ -76,11 +86,15 @@ class SimilarityMSE(EdgeLoss):
 
     L = mean_ij (S(a1, a2)_ij - S(b1, b2)_ij)^2, e.g. MSE(S(SI, SI), S(TI, TI)) for the
     relational SI-SI edge or MSE(S(SI, ST), S(TI, TT)) for SI-ST (Wang et al. 2023).
+
+    Local mode (`EdgeContext.rows` = R): the squared differences of the rows i in R, over the
+    global N^2.
     """
 
     inputs = _SLOTS
     same_dim = _SAME
     global_batch = True
+    local_loss = True
 
     def __init__(self, *, scale: float = 1.0) -> None:
         super().__init__()
@@ -89,6 +103,6 @@ class SimilarityMSE(EdgeLoss):
     def forward(
         self, student_a: Tensor, student_b: Tensor, teacher_a: Tensor, teacher_b: Tensor, *, ctx: EdgeContext
     ) -> Tensor:
-        s = as_float(student_a) @ as_float(student_b).t()
-        t = as_float(teacher_a) @ as_float(teacher_b).t()
-        return self.scale * (s - t).pow(2).mean()
+        s = similarity_rows(as_float(student_a), as_float(student_b), ctx)
+        t = similarity_rows(as_float(teacher_a), as_float(teacher_b), ctx)
+        return self.scale * (s - t).pow(2).sum() / ctx.size**2

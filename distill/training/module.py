@@ -14,12 +14,13 @@ from distill.batch import Batch, RetrievalBatch
 from distill.config.load import from_dict, to_dict
 from distill.config.schema import Config
 from distill.core.build import build_graph
-from distill.core.check import checked
+from distill.core.check import checked, exact_accumulation
 from distill.core.graph import KnowledgeGraph
 from distill.distributed import world_size
 from distill.errors import ConfigError
 from distill.eval.retrieval import RetrievalRecall
 from distill.training.checkpoint import frozen_prefixes, load_tolerant
+from distill.training.gradcache import accumulate
 
 MAX_SKIPPED_IN_A_ROW = 20
 """Under `trainer.nonfinite: skip`, this many non-finite steps in a row stop the run."""
@@ -66,6 +67,10 @@ class DistillModule(pl.LightningModule):
         self.graph = graph if graph is not None else build_graph(self.config)
         self._val: dict[str, list[Tensor]] = {}
         self._skipped = self._skipped_in_a_row = 0
+        self.exact = exact_accumulation(self.config)
+        """K > 1: each loader batch is K micro-batches accumulated exactly (`distill.training.gradcache`);
+        the optimizer then steps here (manual optimization) rather than in Lightning's loop."""
+        self.automatic_optimization = self.exact == 1
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """As `nn.Module.load_state_dict`, except that frozen models' weights may be absent on
@@ -95,26 +100,49 @@ class DistillModule(pl.LightningModule):
         return bool(bad.item())
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
-        out = self.graph(batch)
+        scheduled = self.graph.set_step(self.global_step)  # global_step: restored on resume
         n = len(batch)
-        if self.nonfinite(out):
-            edges = ", ".join(f"{k[5:]}={float(v):.4g}" for k, v in out.items() if k.startswith("edge/"))
-            if self.config.trainer.nonfinite != "skip":
-                raise ConfigError(
-                    f"train: step {self.global_step}: the loss is {float(out['loss']):.4g} (edges: {edges}); "
-                    "stopped before updating the weights, the last checkpoint is intact "
-                    "(trainer.nonfinite=skip drops such steps instead)"
-                )
-            self._skipped += 1
-            self._skipped_in_a_row += 1
-            self.log("train/nonfinite_skipped", float(self._skipped), batch_size=n)
-            if self._skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                raise ConfigError(
-                    f"train: step {self.global_step}: {self._skipped_in_a_row} steps in a row had a non-finite "
-                    f"loss (edges: {edges}); stopped, the last checkpoint is intact"
-                )
-            return None  # Lightning skips backward and the optimizer step
+        if self.exact > 1:
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            bad: list[bool] = []
+            out = accumulate(self.graph, batch, self.exact, self.manual_backward,
+                             stop=lambda o: bad.append(self.nonfinite(o)) or bad[-1])
+            if bad[-1]:
+                return self._skip_nonfinite(out, n)
+            clip = self.config.trainer.gradient_clip_val
+            if clip:
+                self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            optimizer.step()
+            self.lr_schedulers().step()
+        else:
+            out = self.graph(batch)
+            if self.nonfinite(out):
+                return self._skip_nonfinite(out, n)
         self._skipped_in_a_row = 0
+        self._log_step(out, scheduled, n)
+        return out["loss"]
+
+    def _skip_nonfinite(self, out: dict[str, Tensor], n: int) -> None:
+        """Stop the run (`trainer.nonfinite: error`) or count a skipped step (`skip`)."""
+        edges = ", ".join(f"{k[5:]}={float(v):.4g}" for k, v in out.items() if k.startswith("edge/"))
+        if self.config.trainer.nonfinite != "skip":
+            raise ConfigError(
+                f"train: step {self.global_step}: the loss is {float(out['loss']):.4g} (edges: {edges}); "
+                "stopped before updating the weights, the last checkpoint is intact "
+                "(trainer.nonfinite=skip drops such steps instead)"
+            )
+        self._skipped += 1
+        self._skipped_in_a_row += 1
+        self.log("train/nonfinite_skipped", float(self._skipped), batch_size=n)
+        if self._skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise ConfigError(
+                f"train: step {self.global_step}: {self._skipped_in_a_row} steps in a row had a non-finite "
+                f"loss (edges: {edges}); stopped, the last checkpoint is intact"
+            )
+        return None  # Lightning skips backward and the optimizer step (manual mode: skipped above)
+
+    def _log_step(self, out: dict[str, Tensor], scheduled: dict[str, float], n: int) -> None:
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=n)
         for key, value in out.items():
             if key.startswith("edge/"):
@@ -123,10 +151,11 @@ class DistillModule(pl.LightningModule):
             scale = getattr(loss, "logit_scale", None)
             if isinstance(scale, nn.Parameter) and self.graph.edges[name].enabled:
                 self.log(f"train/temperature/{name}", 1.0 / scale.exp().item(), batch_size=n)
+        for key, value in scheduled.items():  # train/weight/<edge>, train/temperature/<edge>, ...
+            self.log(f"train/{key}", value, batch_size=n)
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if data is not None and hasattr(data, "skipped_total"):
             self.log("train/skipped", float(data.skipped_total("train")), batch_size=n)
-        return out["loss"]
 
     def on_validation_epoch_start(self) -> None:
         self._val = {"image": [], "image_ids": [], "text": [], "text_image_ids": []}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy
 
 from distill.config.schema import Config
+from distill.core.check import exact_accumulation
 from distill.core.graph import split_node
 from distill.errors import ConfigError
 from distill.io import atomic_path
@@ -147,7 +149,10 @@ def make_datamodule(config: Config, module: DistillModule) -> pl.LightningDataMo
         for n, outs in live.items()
     }
     ev = graph.models[config.eval.model]
-    return DistillDataModule(config.data, pre, {config.eval.model: (ev.image_preprocess(), ev.text_preprocess())})
+    data = config.data  # exact accumulation: one loader batch holds the K micro-batches of a step
+    k = exact_accumulation(config)
+    data = dataclasses.replace(data, batch_size=data.batch_size * k) if k > 1 else data
+    return DistillDataModule(data, pre, {config.eval.model: (ev.image_preprocess(), ev.text_preprocess())})
 
 
 def make_trainer(config: Config, out: Path, callbacks: Sequence[pl.Callback] = (), **overrides: Any) -> pl.Trainer:
@@ -171,8 +176,9 @@ def make_trainer(config: Config, out: Path, callbacks: Sequence[pl.Callback] = (
         num_nodes=t.num_nodes,
         strategy=make_strategy(t.strategy),
         precision=t.precision,
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=t.gradient_clip_val,
+        # exact accumulation (in-batch edges) steps and clips in DistillModule itself
+        accumulate_grad_batches=1 if exact_accumulation(config) > 1 else t.accumulate_grad_batches,
+        gradient_clip_val=None if exact_accumulation(config) > 1 else t.gradient_clip_val,
         log_every_n_steps=t.log_every_n_steps,
         check_val_every_n_epoch=None,
         val_check_interval=t.val_check_interval or t.max_steps,
