@@ -168,23 +168,14 @@ def ddp_worker(rank: int, port: int, local_loss: bool, queue: object) -> None:
 @pytest.mark.parametrize("local_loss", [False, True])
 def test_two_processes_accumulating_give_the_single_process_gradients(local_loss: bool) -> None:
     """Ranks of 3 and 5 rows, each in 2 micro-batches, image ids shared across ranks."""
-    import torch.multiprocessing as mp
 
-    from tests.test_ddp import free_port, full_batch, make_graph
+    from tests.test_ddp import full_batch, make_graph, spawn
 
     single = make_graph("infonce")
     expected_loss = single(full_batch())["loss"]
     expected_loss.backward()
     expected = {n: p.grad for n, p in single.named_parameters() if p.grad is not None}
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=ddp_worker, args=(r, port, local_loss, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = spawn(ddp_worker, 2, local_loss)
     for rank, loss, got in results:
         assert loss == pytest.approx(float(expected_loss), rel=1e-5)
         assert set(got) == set(expected), rank

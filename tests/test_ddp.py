@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 import pytest
 import torch
@@ -94,6 +95,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn(target: Any, world: int, *args: Any, port: int | None = None, timeout: float = 120) -> list[Any]:
+    """Run `target(rank, port, *args, queue)` in `world` spawned processes; what each queued."""
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), port or free_port()
+    procs = [ctx.Process(target=target, args=(r, port, *args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=timeout) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
 @pytest.mark.parametrize("edge", ["infonce", "similarity_kl", "feature"])
 def test_two_process_gradients_match_single_process(edge: str) -> None:
     single = make_graph(edge)
@@ -101,15 +116,7 @@ def test_two_process_gradients_match_single_process(edge: str) -> None:
     out["loss"].backward()
     expected = grads(single)
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, free_port_once[edge], edge, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = spawn(worker, 2, edge, port=free_port_once[edge])
     for rank, _loss, got in results:
         assert set(got) == set(expected), rank
         for name, g in expected.items():

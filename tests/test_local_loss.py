@@ -25,10 +25,9 @@ import distill.losses  # noqa: F401  (registers the losses)
 from distill.batch import Batch
 from distill.core.graph import Edge, KnowledgeGraph
 from distill.losses.base import EdgeContext
-from distill.models.base import Encoder, l2norm
 from distill.registry import LOSSES
+from tests.test_ddp import D_IN, VOCAB, LinearDual
 
-D_IN, VOCAB = 12, 30
 DIMS = {"student": 8, "teacher": 6, "teacher2": 5, "teacher3": 7}
 # unequal local batches; two captions of one image on different ranks (ids 2, 6, 0) and on
 # one rank (id 4 for two ranks)
@@ -68,22 +67,6 @@ CASES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
 MODES = ("full", "local")
 LEARNABLE = {"infonce_learnable", "infonce_projected", "siglip", "sigmoid_kd"}
 """Cases with a loss parameter (temperature, bias or projection) whose gradient is compared too."""
-
-
-class LinearDual(Encoder):
-    def __init__(self, dim: int, seed: int) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.img = nn.Linear(D_IN, dim)
-        self.txt = nn.EmbeddingBag(VOCAB, dim)
-        for p in self.parameters():
-            p.data = torch.randn(p.shape, generator=g, dtype=torch.float64).float()
-
-    def encode_image(self, pixel_values: Tensor) -> Tensor:
-        return l2norm(self.img(pixel_values))
-
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return l2norm(self.txt(input_ids))
 
 
 def make_graph(case: str, local_loss: bool) -> KnowledgeGraph:

@@ -22,7 +22,7 @@ from distill.batch import Batch
 from distill.core.graph import Edge, KnowledgeGraph
 from distill.losses.base import ArgumentError, EdgeContext
 from distill.registry import LOSSES
-from tests.test_ddp import D_IN, ROWS, VOCAB, LinearDual
+from tests.test_ddp import D_IN, ROWS, VOCAB, LinearDual, spawn
 
 RTOL = 1e-5
 ATOL = 1e-6
@@ -415,16 +415,7 @@ def test_two_process_loss_and_gradients_match_single_process():
     assert {"losses.task.logit_scale", "losses.task.logit_bias", "losses.kd.logit_scale",
             "losses.kd.logit_bias"} <= set(expected)
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=ddp_worker, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = spawn(ddp_worker, 2)
     for rank, values, got in results:
         for key in ("loss", "edge/task", "edge/kd"):  # every rank computes the global values
             assert math.isclose(values[key], float(out[key].detach()), rel_tol=1e-5, abs_tol=1e-6), (rank, key)
