@@ -63,7 +63,7 @@ def test_extends_states_only_the_difference(tiny_yaml: Path, tmp_path: Path) -> 
         (["data.dataset=synthetik"], "data.dataset: unknown dataset 'synthetik'; did you mean 'synthetic'?"),
         (["eval.model=teachr"], "eval.model: unknown model 'teachr'"),
         (["plugins=[no_such_module_xyz]"], "plugins[0]: cannot import 'no_such_module_xyz'"),
-        (["trainer.accumulate_grad_batches=4"], "trainer.accumulate_grad_batches: gradient accumulation"),
+        (["trainer.local_loss=maybe"], "trainer.local_loss: Value 'maybe' is not a valid bool"),
     ],
 )
 def test_each_bad_input_is_one_line_with_its_path(tiny_yaml: Path, overrides: list[str], expected: str) -> None:
