@@ -15,6 +15,7 @@ from distill.core.check import exact_accumulation, load_checked
 from distill.core.graph import KnowledgeGraph
 from distill.errors import ConfigError
 from distill.training.gradcache import accumulate, split_batch
+from tests.conftest import shrink
 
 PER_SAMPLE = [  # the tiny graph with its in-batch edges off and two feature edges on
     "edges.si_st.enabled=false", "edges.si_tt.enabled=false", "edges.st_ti_kl.enabled=false",
@@ -102,22 +103,42 @@ DROPOUT_STUDENT = [  # a ViT image tower and a BERT text tower, both with dropou
 ]
 
 
-def test_dropout_is_replayed_so_the_gradients_are_the_big_batchs(tiny_yaml: Path) -> None:
-    """With dropout on, the big batch is the 4 micro-batches' forward passes kept in one graph
-    (each drawing its own masks); the accumulated step replays exactly those masks."""
-    graph = build_graph(load_checked(tiny_yaml, DROPOUT_STUDENT)).train()
-    b = batch(graph)
-    state = torch.get_rng_state()
+CONACLIP = Path(__file__).resolve().parent.parent / "experiments" / "conaclip.yaml"
+
+
+def conaclip_graph(data_root: Path, towers: Path, out: Path) -> KnowledgeGraph:
+    """experiments/conaclip.yaml's graph (8 in-batch edges) with the dropout student, seeded."""
+    torch.manual_seed(0)
+    cfg = load_checked(CONACLIP, [*shrink(CONACLIP, data_root, out, towers), *DROPOUT_STUDENT])
+    return build_graph(cfg).train()
+
+
+def big_batch_with_the_same_masks(graph: KnowledgeGraph, b: Batch, k: int) -> list[torch.Tensor]:
+    """The reference: the k micro-batches' forward passes (each drawing its own dropout masks)
+    kept in one autograd graph, the losses on their concatenation, one backward."""
     nodes = graph.needed_nodes()
     parts = {n: [] for n in nodes}
-    for mb in split_batch(b, 4):
+    for mb in split_batch(b, k):
         for n in nodes:
             parts[n].append(graph.encode(n, mb))
     graph.losses_from({n: torch.cat(v) for n, v in parts.items()}, b)["loss"].backward()
-    whole = grads(graph)
+    return grads(graph)
+
+
+def test_conaclip_4_x_16_with_dropout_gives_the_gradients_of_one_batch_of_64(
+    data_root: Path, tiny_towers: Path, tmp_path: Path,
+) -> None:
+    """With dropout on, one batch of 64 means the 4 micro-batches' masks; the accumulated step
+    replays exactly those masks (and without the replay it would not)."""
+    graph = conaclip_graph(data_root, tiny_towers, tmp_path)
+    assert len(graph.enabled_edges()) == 8
+    b = batch(graph, 64)
+    state = torch.get_rng_state()
+    whole = big_batch_with_the_same_masks(graph, b, 4)
     torch.set_rng_state(state)
     accumulate(graph, b, 4, lambda t: t.backward())
     accumulated = grads(graph)
+    assert any(g.abs().sum() > 0 for g in whole)
     for a, c in zip(whole, accumulated):
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
     torch.set_rng_state(state)  # without the replay the second pass draws other masks
@@ -140,44 +161,48 @@ def test_fit_with_accumulation(tiny_yaml: Path) -> None:
     assert ckpt["global_step"] == 2  # optimizer steps: 4 micro-batches
 
 
-def ddp_worker(rank: int, port: int, local_loss: bool, queue: object) -> None:
+def ddp_worker(rank: int, port: int, paths: tuple[str, str, str], local_loss: bool, queue: object) -> None:
     import os
 
     import torch.distributed as dist
 
-    from tests.test_ddp import ROWS, full_batch, make_graph, rows
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        graph = make_graph("infonce")
+        graph = conaclip_graph(*(Path(p) for p in paths))
         graph.local_loss = local_loss
-        start = sum(ROWS[:rank])
-        out = accumulate(graph, rows(full_batch(), start, start + ROWS[rank]), 2, lambda t: t.backward())
+        b = batch(graph, 64)
+        torch.manual_seed(1)  # the same dropout masks as the single process's micro-batches of 16
+        for skip in range(2 * rank):
+            graph.encode("student.image", split_batch(b, 4)[skip])
+            graph.encode("student.text", split_batch(b, 4)[skip])
+        mine = rows(b, slice(32 * rank, 32 * rank + 32))
+        out = accumulate(graph, mine, 2, lambda t: t.backward())
         for p in graph.parameters():  # what DDP's reducer does after the step's backward passes
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= 2
-        got = {n: p.grad.numpy() for n, p in graph.named_parameters() if p.grad is not None}
-        queue.put((rank, float(out["loss"]), got))  # type: ignore[attr-defined]
+        queue.put((rank, float(out["loss"]), [g.numpy() for g in grads(graph)]))  # type: ignore[attr-defined]
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.ddp
 @pytest.mark.parametrize("local_loss", [False, True])
-def test_two_processes_accumulating_give_the_single_process_gradients(local_loss: bool) -> None:
-    """Ranks of 3 and 5 rows, each in 2 micro-batches, image ids shared across ranks."""
+def test_two_processes_accumulating_give_the_single_process_gradients(
+    local_loss: bool, data_root: Path, tiny_towers: Path, tmp_path: Path,
+) -> None:
+    """The ConaCLIP graph, 64 rows: one process in 4 x 16 against 2 ranks of 2 x 16 each."""
+    from tests.test_ddp import spawn
 
-    from tests.test_ddp import full_batch, make_graph, spawn
-
-    single = make_graph("infonce")
-    expected_loss = single(full_batch())["loss"]
-    expected_loss.backward()
-    expected = {n: p.grad for n, p in single.named_parameters() if p.grad is not None}
-    results = spawn(ddp_worker, 2, local_loss)
-    for rank, loss, got in results:
-        assert loss == pytest.approx(float(expected_loss), rel=1e-5)
-        assert set(got) == set(expected), rank
-        for name, g in expected.items():
-            torch.testing.assert_close(torch.from_numpy(got[name]), g, rtol=1e-5, atol=1e-7, msg=f"rank {rank} {name}")
+    paths = (str(data_root), str(tiny_towers), str(tmp_path))
+    graph = conaclip_graph(data_root, tiny_towers, tmp_path)
+    b = batch(graph, 64)
+    torch.manual_seed(1)
+    expected_loss = float(accumulate(graph, b, 4, lambda t: t.backward())["loss"])
+    expected = grads(graph)
+    rtol = 1e-4 if local_loss else 1e-5  # local mode sums the rows' terms in another order: float32 rounding
+    for rank, loss, got in spawn(ddp_worker, 2, paths, local_loss, timeout=300):
+        assert loss == pytest.approx(expected_loss, rel=1e-5)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(torch.from_numpy(g), e, rtol=rtol, atol=5e-6, msg=lambda m, r=rank: f"rank {r}: {m}")
