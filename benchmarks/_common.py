@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -62,3 +63,12 @@ def write(result: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def status_kib(key: str) -> int:
+    """A `/proc/self/status` figure in KiB (`VmRSS`, `VmHWM`; Linux). Write "5" to
+    /proc/self/clear_refs to reset `VmHWM` to the current resident size before a step."""
+    found = re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    if found is None:
+        raise RuntimeError(f"/proc/self/status has no {key} (Linux only)")
+    return int(found.group(1))

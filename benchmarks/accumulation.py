@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import re
 import statistics
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
-from _common import RESULTS, experiment, write
+from _common import RESULTS, experiment, status_kib, write
 
 from distill.batch import Batch
 from distill.core.build import build_graph
@@ -66,10 +65,6 @@ def step(g: KnowledgeGraph, b: Batch, k: int) -> None:
         accumulate(g, b, k, lambda t: t.backward())
 
 
-def _kib(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))  # type: ignore[union-attr]
-
-
 def peak_worker(n: int, k: int, queue: Any) -> None:
     torch.set_num_threads(1)
     g = graph()
@@ -77,10 +72,10 @@ def peak_worker(n: int, k: int, queue: Any) -> None:
     step(g, b, k)  # warm-up: lazy allocations, autograd buffers
     g.zero_grad(set_to_none=True)
     gc.collect()
-    before = _kib("VmRSS")
+    before = status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     step(g, b, k)
-    queue.put((_kib("VmHWM") - before) / 1024)
+    queue.put((status_kib("VmHWM") - before) / 1024)
 
 
 def peak_mib(n: int, k: int) -> float:

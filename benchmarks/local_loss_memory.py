@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import re
 import socket
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _common import RESULTS, ROOT, write
+from _common import RESULTS, ROOT, status_kib, write
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
@@ -77,21 +76,17 @@ def conaclip_edges() -> list[Edge]:
     return edges
 
 
-def _kib(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))  # type: ignore[union-attr]
-
-
 def measure(graph: nn.Module, batch: Batch) -> tuple[int, float, dict[str, float]]:
     """(peak resident bytes above the start, seconds, edge values) of one forward + backward."""
     gc.collect()
     dist.barrier()
-    before = _kib("VmRSS")
+    before = status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     start = time.perf_counter()
     out = graph(batch)
     out["loss"].backward()
     seconds = time.perf_counter() - start
-    peak = (_kib("VmHWM") - before) * 1024
+    peak = (status_kib("VmHWM") - before) * 1024
     values = {k[5:]: float(v) for k, v in out.items() if k.startswith("edge/")}
     del out
     graph.zero_grad(set_to_none=True)
