@@ -219,8 +219,7 @@ def from_hf_processor(processor: Any, where: str) -> PixelSpec:
     def get(name: str) -> Any:
         return getattr(processor, name, None)
 
-    size = get("size") or {}
-    size = {k: v for k, v in (size.items() if hasattr(size, "items") else vars(size).items()) if v is not None}
+    size = _set_fields(get("size"))
     if get("do_resize") is False:
         raise ConfigError(f"{where}: an image processor that does not resize cannot feed fixed-size batches")
     if size.get("shortest_edge"):
@@ -232,9 +231,7 @@ def from_hf_processor(processor: Any, where: str) -> PixelSpec:
     else:
         raise ConfigError(f"{where}: unsupported image processor size {size}")
     crop = bool(get("do_center_crop"))
-    crop_size = get("crop_size") or {}
-    crop_size = {k: v for k, v in (crop_size.items() if hasattr(crop_size, "items") else vars(crop_size).items())
-                 if v is not None}
+    crop_size = _set_fields(get("crop_size"))
     out: int | tuple[int, int] = (int(crop_size["height"]), int(crop_size["width"])) if crop else resize_size
     if get("do_rescale") is False or not math.isclose(float(get("rescale_factor") or 1 / 255), 1 / 255):
         raise ConfigError(f"{where}: only a 1/255 rescale is supported, got do_rescale={get('do_rescale')}, "
@@ -247,6 +244,14 @@ def from_hf_processor(processor: Any, where: str) -> PixelSpec:
     backend = "pil" if type(processor).__name__.endswith("Pil") else "tensor"
     return PixelSpec(size=out, mean=_triple(mean), std=_triple(std), resize=resize, resize_size=resize_size,
                      crop=crop, interpolation=interpolation, backend=backend, floor_crop=backend == "pil")
+
+
+def _set_fields(value: Any) -> dict[str, Any]:
+    """The set entries of a processor's size (a dict, or transformers 5's `SizeDict`)."""
+    if not value:
+        return {}
+    items = value.items() if hasattr(value, "items") else vars(value).items()
+    return {k: v for k, v in items if v is not None}
 
 
 def _triple(v: Any) -> tuple[float, float, float]:

@@ -45,6 +45,11 @@ class EdgeContext:
         return x if self.rows is None else x[self.rows]
 
 
+PAIR_SLOTS = ("student_a", "student_b", "teacher_a", "teacher_b")
+"""The inputs of a distribution-matching edge: a student pair and the teacher pair it learns."""
+PAIR_SAME = (("student_a", "student_b"), ("teacher_a", "teacher_b"))
+"""Each pair's two ends share a width (the student and teacher widths may differ)."""
+
 class EdgeLoss(nn.Module):
     """A loss between graph nodes. Subclasses are registered in `LOSSES`.
 

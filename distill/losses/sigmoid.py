@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.losses.base import (
+    PAIR_SAME,
+    PAIR_SLOTS,
     ArgumentError,
     EdgeContext,
     EdgeLoss,
@@ -34,9 +36,6 @@ from distill.losses.base import (
     similarity_rows,
 )
 from distill.registry import LOSSES
-
-_SLOTS = ("student_a", "student_b", "teacher_a", "teacher_b")
-_SAME = (("student_a", "student_b"), ("teacher_a", "teacher_b"))
 
 
 def _check_bias(value: float, name: str) -> None:
@@ -123,8 +122,8 @@ class SigmoidKD(EdgeLoss):
     widths may differ (both matrices are B x B). Under DDP the loss sees the global batch.
     """
 
-    inputs = _SLOTS
-    same_dim = _SAME
+    inputs = PAIR_SLOTS
+    same_dim = PAIR_SAME
     global_batch = True
     local_loss = True
 

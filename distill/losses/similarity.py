@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from distill.losses.base import (
+    PAIR_SAME,
+    PAIR_SLOTS,
     EdgeContext,
     EdgeLoss,
     as_float,
@@ -15,9 +17,6 @@ from distill.losses.base import (
     similarity_rows,
 )
 from distill.registry import LOSSES
-
-_SLOTS = ("student_a", "student_b", "teacher_a", "teacher_b")
-_SAME = (("student_a", "student_b"), ("teacher_a", "teacher_b"))
 
 
 @LOSSES.register("similarity_kl")
@@ -41,8 +40,8 @@ class SimilarityKL(EdgeLoss):
     diagonal (offset by R's start) and the copies on other ranks are excluded alike.
     """
 
-    inputs = _SLOTS
-    same_dim = _SAME
+    inputs = PAIR_SLOTS
+    same_dim = PAIR_SAME
     global_batch = True
     local_loss = True
     schedulable = {"student_temperature": "tau_s", "teacher_temperature": "tau_t"}
@@ -91,8 +90,8 @@ class SimilarityMSE(EdgeLoss):
     global N^2.
     """
 
-    inputs = _SLOTS
-    same_dim = _SAME
+    inputs = PAIR_SLOTS
+    same_dim = PAIR_SAME
     global_batch = True
     local_loss = True
 
