@@ -141,3 +141,24 @@ def gather(x: Tensor, sizes: list[int], *, with_grad: bool) -> Tensor:
         return _GatherWithGrad.apply(x, sizes)
     with torch.no_grad():
         return _pad_gather(x.detach(), sizes)
+
+
+def average_gradients(params: list[Tensor]) -> None:
+    """Average `.grad` of `params` over the ranks in place, as DDP's reducer does after a backward
+    (a missing gradient counts as zeros, so every rank reduces the same list; one all-reduce
+    per dtype and device). Used where the backward passes ran without DDP's reducer
+    (exact accumulation: `distill.training.module`); nothing when not distributed."""
+    world = world_size()
+    if world == 1:
+        return
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        groups.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+    for group in groups.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world
+        for p, g in zip(group, flat.split([p.numel() for p in group])):
+            p.grad.copy_(g.view_as(p.grad))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from distill.batch import Batch, RetrievalBatch
 from distill.config.load import from_dict, to_dict
@@ -16,7 +18,7 @@ from distill.config.schema import Config
 from distill.core.build import build_graph
 from distill.core.check import checked, exact_accumulation
 from distill.core.graph import KnowledgeGraph
-from distill.distributed import world_size
+from distill.distributed import average_gradients, world_size
 from distill.errors import ConfigError
 from distill.eval.retrieval import RetrievalRecall
 from distill.training.checkpoint import frozen_prefixes, load_tolerant
@@ -106,10 +108,12 @@ class DistillModule(pl.LightningModule):
             optimizer = self.optimizers()
             optimizer.zero_grad()
             bad: list[bool] = []
-            out = accumulate(self.graph, batch, self.exact, self.manual_backward,
-                             stop=lambda o: bad.append(self.nonfinite(o)) or bad[-1])
+            with self._no_sync():  # K backward passes, then one average over the ranks
+                out = accumulate(self.graph, batch, self.exact, self.manual_backward,
+                                 stop=lambda o: bad.append(self.nonfinite(o)) or bad[-1])
             if bad[-1]:
                 return self._skip_nonfinite(out, n)
+            average_gradients([p for p in self.graph.parameters() if p.requires_grad])
             clip = self.config.trainer.gradient_clip_val
             if clip:
                 self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
@@ -122,6 +126,13 @@ class DistillModule(pl.LightningModule):
         self._skipped_in_a_row = 0
         self._log_step(out, scheduled, n)
         return out["loss"]
+
+    def _no_sync(self) -> AbstractContextManager[Any]:
+        """DDP's reducer switched off: it would average after each of the K backward passes,
+        and with `find_unused_parameters` it counts the nodes that the first pass (the losses
+        on cached node outputs) leaves unused as reduced, so their gradients never meet."""
+        model = self.trainer.strategy.model
+        return model.no_sync() if isinstance(model, DistributedDataParallel) else nullcontext()
 
     def _skip_nonfinite(self, out: dict[str, Tensor], n: int) -> None:
         """Stop the run (`trainer.nonfinite: error`) or count a skipped step (`skip`)."""
