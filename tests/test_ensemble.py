@@ -112,9 +112,9 @@ def test_weights_are_normalised_and_scale_free() -> None:
 
 def test_defaults_follow_the_number_of_teachers_in_the_inputs() -> None:
     loss = ENSEMBLE()
-    assert loss.tau_t == [0.05, 0.05] and loss.inputs == ENSEMBLE.inputs  # two teachers unless bound
+    assert loss.each(loss.tau_t) == [0.05, 0.05] and loss.inputs == ENSEMBLE.inputs  # two teachers unless bound
     loss.bind(ENSEMBLE.slots(10))  # type: ignore[arg-type]
-    assert loss.tau_t == [0.05] * 4 and loss.weights == [0.25] * 4
+    assert loss.each(loss.tau_t) == [0.05] * 4 and loss.weights == [0.25] * 4
     assert loss.inputs[-2:] == ("teacher4_a", "teacher4_b")
     assert ENSEMBLE.slots(4) is None and ENSEMBLE.slots(7) is None and ENSEMBLE.slots(6) == ENSEMBLE.inputs
 

@@ -63,9 +63,26 @@ CASES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
         [SI, ST, TI, TT, "teacher2.image", "teacher2.text", "teacher3.image", "teacher3.text"],
         {"teacher_weights": [0.5, 0.3, 0.2]},
     ),
+    # N teachers through the loss's own name (distill.losses.ensemble), per-teacher arguments
+    "similarity_kl_3": (
+        "similarity_kl",
+        [SI, ST, TI, TT, "teacher2.image", "teacher2.text", "teacher3.image", "teacher3.text"],
+        {"teacher_temperature": [0.05, 0.1, 0.2], "teacher_weights": [2.0, 1.0, 1.0], "exclude_self": True},
+    ),
+    "similarity_mse_3": (
+        "similarity_mse",
+        [SI, SI, TI, TI, "teacher2.image", "teacher2.image", "teacher3.text", "teacher3.text"],
+        {"scale": 2.0, "teacher_weights": [0.5, 0.3, 0.2]},
+    ),
+    "sigmoid_kd_3": (
+        "sigmoid_kd",
+        [SI, ST, TI, TT, "teacher2.image", "teacher2.text", "teacher3.image", "teacher3.text"],
+        {"learnable": True, "teacher_scale": [5.0, 10.0, 8.0], "teacher_bias": [-3.0, -10.0, -6.0],
+         "teacher_weights": [1.0, 2.0, 1.0]},
+    ),
 }
 MODES = ("full", "local")
-LEARNABLE = {"infonce_learnable", "infonce_projected", "siglip", "sigmoid_kd"}
+LEARNABLE = {"infonce_learnable", "infonce_projected", "siglip", "sigmoid_kd", "sigmoid_kd_3"}
 """Cases with a loss parameter (temperature, bias or projection) whose gradient is compared too."""
 
 
@@ -209,7 +226,7 @@ def test_shares_of_a_row_partition_sum_to_the_loss(case: str) -> None:
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("case", ["infonce_learnable", "similarity_kl_exclude_self", "sigmoid_kd"])
+@pytest.mark.parametrize("case", ["infonce_learnable", "similarity_kl_exclude_self", "sigmoid_kd", "sigmoid_kd_3"])
 def test_local_mode_on_one_process_is_full_mode(case: str) -> None:
     batch = full_batch(LAYOUTS[2][1])
     full = step(make_graph(case, local_loss=False), batch)

@@ -72,6 +72,9 @@ class EdgeLoss(nn.Module):
             schedule over training steps (`{schedule: linear, start: 0.1, end: 0.05, steps:
             500}`, `distill.core.schedule`), each mapped to the attribute `forward` reads it
             from; the graph sets it through `set_argument` before every step.
+        reads: Slots that take layer nodes (`student.text.hidden[2]`, see
+            `distill.models.intermediate`) -> the layer kinds they accept; every other slot
+            takes an embedding (or a pair) node. Token-level losses: `distill.losses.tokens`.
     """
 
     inputs: ClassVar[tuple[str, ...]] = ("a", "b")
@@ -80,6 +83,7 @@ class EdgeLoss(nn.Module):
     global_batch: ClassVar[bool] = True
     local_loss: ClassVar[bool] = False
     schedulable: ClassVar[Mapping[str, str]] = {}
+    reads: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
     def __init__(self) -> None:
         super().__init__()
@@ -89,7 +93,8 @@ class EdgeLoss(nn.Module):
     def slots(cls, n: int) -> tuple[str, ...] | None:
         """The slot names of an edge that lists `n` input nodes, or None when the loss takes
         no such number: `inputs` for exactly `len(inputs)` (a loss with a variable number of
-        inputs, like `similarity_kl_ensemble`, overrides this, `takes` and `bind`)."""
+        inputs overrides this, `takes` and `bind`, as `distill.losses.ensemble.TeacherEnsemble`
+        does for the losses that read N teacher pairs)."""
         return cls.inputs if n == len(cls.inputs) else None
 
     @classmethod
@@ -120,6 +125,11 @@ class EdgeLoss(nn.Module):
                     continue
                 shown = ", ".join(f"{s}={d}" for s, d in found.items())
                 return f"inputs have different dimensions ({shown}) and this loss has no projection"
+        return None
+
+    def layer_problem(self, layers: Mapping[str, Any]) -> str | None:
+        """Why the layer nodes bound to the `reads` slots (a `LayerRead` each) cannot be
+        compared, or None; the config check calls it once per layer pair."""
         return None
 
     def setup(self, dims: Mapping[str, int]) -> None:

@@ -34,6 +34,12 @@ class InfoNCE(EdgeLoss):
     `b`'s width. Serves the task edge (SI-ST), cross-modal teacher-student edges (SI-TT,
     ST-TI) and intra-modal contrastive distillation (SI-TI; Ren and Zhu, NAACL 2022).
 
+    Reads no teacher ensemble: the targets come from the image ids, and a teacher node in
+    `b` is an anchor space, not a target distribution (teachers of other widths share no
+    space to average anchors in). Several teachers: one edge per teacher, each with its own
+    `weight`; their ensemble's in-batch distribution: `similarity_kl` with one pair per
+    teacher (`distill.losses.ensemble`).
+
     Local mode (`EdgeContext.rows` = R): sum_{i in R} CE_i(S(a, b)) + sum_{j in R} CE_j(S(b, a)),
     halved and over the global N: the rows of the rank's `a` against every `b` and the rows
     of its `b` against every `a`.

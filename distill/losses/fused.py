@@ -32,7 +32,7 @@ from distill.losses.base import (
     check_temperature,
     positive_mask,
 )
-from distill.losses.ensemble import kl_to_mixture
+from distill.losses.ensemble import TeacherEnsemble, check_each, kl_to_mixture, softmax_ensemble
 from distill.models.fusion import PairScorer
 from distill.registry import LOSSES
 
@@ -81,7 +81,7 @@ def mixed_targets(dual_logits: Tensor, fused: Tensor, candidates: Tensor, *, mix
 
 
 @LOSSES.register("fused_kl")
-class FusedKL(EdgeLoss):
+class FusedKL(TeacherEnsemble):
     """KL from the fused-modified teacher similarity distribution to the student's (MCAD).
 
     With student embeddings (v, w), dual teacher embeddings (v', w'), S = v w^T / tau_s,
@@ -105,11 +105,22 @@ class FusedKL(EdgeLoss):
     (`similarity_kl`); `alpha = 1` with `mix: prob` distils the fused teacher alone over
     the candidates. Computed on each rank's local rows (the scorer holds local inputs).
 
+    Several dual teachers (the student pair, then one pair per dual teacher, then the pair
+    scorer: `[student_image, student_text, teacher1_image, teacher1_text, ..., pair]`): the
+    dual side is their ensemble, S' = log sum_k w_k softmax(v'^k w'^k^T / tau_k) row-wise
+    (`softmax_ensemble`: logits whose softmax averages the teachers' probabilities; the
+    columns from the teachers' column distributions), which then ranks the candidates and
+    mixes with the fused scores as one teacher's S' does. `mix: feature` mixes the fused
+    features into each dual teacher (S~^k = (1 - alpha) S'^k + alpha f f^T, over tau_k) and
+    averages the teachers' softmaxes of S~^k.
+
     Args:
         k: Dual-teacher candidates per row scored by the fused teacher (besides positives).
         mix: "prob" or "logit" (see `mixed_targets`).
         alpha: Weight of the fused teacher in the mix.
-        student_temperature, teacher_temperature: tau_s and tau_t.
+        student_temperature, teacher_temperature: tau_s and tau_t (tau_k: a number for every
+            dual teacher, or one per teacher).
+        teacher_weights: w_k >= 0 of the dual teachers, normalised; default equal.
         fused_temperature: tau_f on the ITM logits (mix: prob).
         columns: Also distil the caption-to-image direction.
     """
@@ -118,10 +129,14 @@ class FusedKL(EdgeLoss):
     same_dim = (("student_image", "student_text"), ("teacher_image", "teacher_text"))
     global_batch = False
     schedulable = {"student_temperature": "tau_s", "teacher_temperature": "tau_t", "fused_temperature": "tau_f"}
+    per_teacher = {"teacher_temperature": "tau_t"}
+    teacher_sides = ("image", "text")
+    trailing = ("pair",)
 
     def __init__(
         self, *, k: int = 8, mix: str = "prob", alpha: float = 0.5, student_temperature: float = 0.05,
-        teacher_temperature: float = 0.05, fused_temperature: float = 1.0, columns: bool = True,
+        teacher_temperature: float | list[float] = 0.05, fused_temperature: float = 1.0, columns: bool = True,
+        teacher_weights: list[float] | None = None,
     ) -> None:
         super().__init__()
         if mix not in MIXES:
@@ -130,25 +145,30 @@ class FusedKL(EdgeLoss):
             raise ArgumentError("alpha", f"alpha must be in [0, 1] with mix: {mix}, got {alpha}")
         if alpha < 0 or k < 0:
             raise ValueError(f"alpha and k must be >= 0, got alpha={alpha}, k={k}")
-        for name, value in (("student_temperature", student_temperature),
-                            ("teacher_temperature", teacher_temperature), ("fused_temperature", fused_temperature)):
+        for name, value in (("student_temperature", student_temperature), ("fused_temperature", fused_temperature)):
             check_temperature(value, name)
         self.k, self.mix, self.alpha, self.columns = k, mix, alpha, columns
-        self.tau_s, self.tau_t, self.tau_f = student_temperature, teacher_temperature, fused_temperature
+        self.tau_s, self.tau_f = student_temperature, fused_temperature
+        self.tau_t = check_each(teacher_temperature, "teacher_temperature", check_temperature)
+        self.init_teachers(teacher_weights)
 
     def setup(self, dims: Mapping[str, int]) -> None:
         """Nothing to project: student and teacher widths are compared within themselves."""
 
-    def forward(self, student_image: Tensor, student_text: Tensor, teacher_image: Tensor, teacher_text: Tensor,
-                pair: PairScorer, *, ctx: EdgeContext) -> Tensor:
+    def forward(self, student_image: Tensor, student_text: Tensor, *rest: Tensor | PairScorer,
+                ctx: EdgeContext) -> Tensor:
+        *teachers, pair = rest  # the dual teachers' pairs, then the fused teacher's scorer
+        duals = self.teacher_pairs(teachers)  # type: ignore[arg-type]
         ids = ctx.image_ids
         s = as_float(student_image) @ as_float(student_text).t() / self.tau_s
         if self.mix == "feature":
-            return self.feature_level(s, teacher_image, teacher_text, pair)
+            return self.feature_level(s, duals, pair)  # type: ignore[arg-type]
         with torch.no_grad():
-            t = as_float(teacher_image) @ as_float(teacher_text).t() / self.tau_t
+            ts = [as_float(ti) @ as_float(tt).t() / tau for (ti, tt), tau in zip(duals, self.each(self.tau_t))]
+            t = softmax_ensemble(ts, self.weights)  # one dual teacher: its logits
+            t_cols = softmax_ensemble([x.t() for x in ts], self.weights)  # one: t.t()
             rows = candidate_mask(t, ids, self.k)
-            cols = candidate_mask(t.t(), ids, self.k).t() if self.columns else torch.zeros_like(rows)
+            cols = candidate_mask(t_cols, ids, self.k).t() if self.columns else torch.zeros_like(rows)
             # alpha = 0 reads nothing from the fused teacher: skip its forward passes
             fused = fused_scores(pair, rows | cols) if self.alpha > 0 else torch.zeros_like(t)
             kw = dict(mix=self.mix, alpha=self.alpha, fused_temperature=self.tau_f)
@@ -156,22 +176,28 @@ class FusedKL(EdgeLoss):
         loss = kl_to_mixture(target, s)
         if self.columns:
             with torch.no_grad():
-                target_c = mixed_targets(t.t(), fused.t().masked_fill(~cols.t(), float("-inf")), cols.t(), **kw)
+                target_c = mixed_targets(t_cols, fused.t().masked_fill(~cols.t(), float("-inf")), cols.t(), **kw)
             loss = 0.5 * (loss + kl_to_mixture(target_c, s.t()))
         return loss
 
-
-    def feature_level(self, s: Tensor, teacher_image: Tensor, teacher_text: Tensor, pair: PairScorer) -> Tensor:
-        """`mix: feature`: KL to softmax of the feature-mixed teacher similarities (see above)."""
+    def feature_level(self, s: Tensor, duals: list[tuple[Tensor, Tensor]], pair: PairScorer) -> Tensor:
+        """`mix: feature`: KL to the softmax of the feature-mixed dual teachers' similarities
+        (averaged over the teachers, see above)."""
         with torch.no_grad():
-            t = as_float(teacher_image) @ as_float(teacher_text).t()
+            f = None
             if self.alpha > 0:  # alpha = 0 reads nothing from the fused teacher: skip its passes
-                rows = torch.arange(len(teacher_image), device=teacher_image.device)
-                f = F.normalize(as_float(pair.features(rows, rows).to(t.device)), dim=-1)
-                t = (1.0 - self.alpha) * t + self.alpha * (f @ f.t())
-            t = t / self.tau_t
+                rows = torch.arange(len(duals[0][0]), device=duals[0][0].device)
+                f = F.normalize(as_float(pair.features(rows, rows).to(duals[0][0].device)), dim=-1)
+            ts = []
+            for (teacher_image, teacher_text), tau in zip(duals, self.each(self.tau_t)):
+                t = as_float(teacher_image) @ as_float(teacher_text).t()
+                if f is not None:
+                    t = (1.0 - self.alpha) * t + self.alpha * (f @ f.t())
+                ts.append(t / tau)
+            t = softmax_ensemble(ts, self.weights)
+            t_cols = softmax_ensemble([x.t() for x in ts], self.weights)
         loss = kl_to_mixture(t.softmax(-1), s)
-        return 0.5 * (loss + kl_to_mixture(t.t().softmax(-1), s.t())) if self.columns else loss
+        return 0.5 * (loss + kl_to_mixture(t_cols.softmax(-1), s.t())) if self.columns else loss
 
 
 @LOSSES.register("fused_feature")

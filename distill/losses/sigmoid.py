@@ -25,8 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.losses.base import (
-    PAIR_SAME,
-    PAIR_SLOTS,
     ArgumentError,
     EdgeContext,
     EdgeLoss,
@@ -35,6 +33,7 @@ from distill.losses.base import (
     local_positives,
     similarity_rows,
 )
+from distill.losses.ensemble import TeacherEnsemble, check_each, sigmoid_ensemble
 from distill.registry import LOSSES
 
 
@@ -97,7 +96,7 @@ class SigLIP(EdgeLoss):
 
 
 @LOSSES.register("sigmoid_kd")
-class SigmoidKD(EdgeLoss):
+class SigmoidKD(TeacherEnsemble):
     """Distillation of SigLIP's pair probabilities: a per-pair Bernoulli KL.
 
     With a = student and b = teacher embeddings,
@@ -120,38 +119,53 @@ class SigmoidKD(EdgeLoss):
     detached. The student side uses `student_scale` and `student_bias`, fixed by default or
     learnable (initialised at those values) with `learnable: true`. Student and teacher
     widths may differ (both matrices are B x B). Under DDP the loss sees the global batch.
+
+    Several teachers (the student pair, then one pair per teacher, each with its own scale
+    t_k and bias c_k, as each SigLIP teacher learnt its own): the target of each pair is the
+    weighted average of the teachers' Bernoulli probabilities,
+        p_ij = sum_k w_k sigmoid(t_k * b^k_1i . b^k_2j + c_k),
+    and L is the same per-pair KL to q_ij (the probabilities averaged, not the logits, as
+    for the softmax losses; `distill.losses.ensemble.sigmoid_ensemble`).
+
+    Args:
+        student_scale, student_bias: t_s and bias_s (their initial values with `learnable`).
+        teacher_scale: t_k: a number for every teacher, or one per teacher.
+        teacher_bias: c_k: a number for every teacher, or one per teacher.
+        teacher_weights: w_k >= 0, not all 0, one per teacher, normalised to sum 1; default equal.
+        learnable: Learn the student's scale and bias.
     """
 
-    inputs = PAIR_SLOTS
-    same_dim = PAIR_SAME
     global_batch = True
     local_loss = True
+    per_teacher = {"teacher_scale": "teacher_scale", "teacher_bias": "teacher_bias"}
 
     def __init__(
         self,
         *,
         student_scale: float = 10.0,
         student_bias: float = -10.0,
-        teacher_scale: float = 10.0,
-        teacher_bias: float = -10.0,
+        teacher_scale: float | list[float] = 10.0,
+        teacher_bias: float | list[float] = -10.0,
+        teacher_weights: list[float] | None = None,
         learnable: bool = False,
     ) -> None:
         super().__init__()
         check_temperature(student_scale, "student_scale")
-        check_temperature(teacher_scale, "teacher_scale")
         _check_bias(student_bias, "student_bias")
-        _check_bias(teacher_bias, "teacher_bias")
-        self.teacher_scale = float(teacher_scale)
-        self.teacher_bias = float(teacher_bias)
+        self.teacher_scale = check_each(teacher_scale, "teacher_scale", check_temperature)
+        self.teacher_bias = check_each(teacher_bias, "teacher_bias", _check_bias)
         _add_scale_and_bias(self, student_scale, student_bias, learnable)
+        self.init_teachers(teacher_weights)
 
-    def forward(
-        self, student_a: Tensor, student_b: Tensor, teacher_a: Tensor, teacher_b: Tensor, *, ctx: EdgeContext
-    ) -> Tensor:
+    def forward(self, student_a: Tensor, student_b: Tensor, *teachers: Tensor, ctx: EdgeContext) -> Tensor:
         s = self.logit_scale.exp() * similarity_rows(as_float(student_a), as_float(student_b), ctx) + self.logit_bias
         with torch.no_grad():
-            t = self.teacher_scale * similarity_rows(as_float(teacher_a.detach()), as_float(teacher_b.detach()), ctx)
-            t = t + self.teacher_bias
+            zs = []
+            for (x, y), scale, bias in zip(self.teacher_pairs(teachers), self.each(self.teacher_scale),
+                                           self.each(self.teacher_bias)):
+                z = scale * similarity_rows(as_float(x.detach()), as_float(y.detach()), ctx)
+                zs.append(z + bias)
+            t = sigmoid_ensemble(zs, self.weights)
             p = torch.sigmoid(t)
             log_p, log_not_p = F.logsigmoid(t), F.logsigmoid(-t)
         kl = p * (log_p - F.logsigmoid(s)) + (1.0 - p) * (log_not_p - F.logsigmoid(-s))
