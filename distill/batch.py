@@ -25,11 +25,14 @@ class Batch:
         image_ids: (B,) int64; rows whose captions describe the same image share an id, so
             losses treat them as positives of each other rather than as negatives.
         inputs: Model name -> that model's preprocessed inputs for these rows.
+        views: (B,) int64, the augmented view each row's image shows (`distill.augment`;
+            the teacher cache reads that view's rows), or None without augmentation.
     """
 
     keys: list[str]
     image_ids: Tensor
     inputs: dict[str, ModelInputs] = field(default_factory=dict)
+    views: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -47,6 +50,7 @@ class Batch:
             keys=list(self.keys),
             image_ids=move(self.image_ids),
             inputs={m: {k: move(v) for k, v in d.items()} for m, d in self.inputs.items()},
+            views=None if self.views is None else move(self.views),
         )
 
 

@@ -149,6 +149,19 @@ class PixelSpec:
             image = image.resize((new_w, new_h), INTERPOLATIONS[self.interpolation])
         if self.crop or self.resize == "longest":
             image = _crop_or_pad(image, pair(self.size), self.fill, self.floor_crop)
+        return self._normalise(image)
+
+    def view_array(self, image: Image.Image, view: Any) -> np.ndarray:
+        """A training view (`distill.augment.View`) of `image` -> (3, H, W) float32 at this
+        model's output size and normalisation: the view's crop resized to `out_size` (as
+        `RandomResizedCrop` does, aspect ratio not kept), flipped and recoloured. Views
+        are computed by PIL whatever the `backend`: they are training inputs, not a
+        library's eval transform to match."""
+        from distill.augment import apply_view
+
+        return self._normalise(apply_view(image, view, self.out_size, INTERPOLATIONS[self.interpolation]))
+
+    def _normalise(self, image: Image.Image) -> np.ndarray:
         pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / 255
         mean = np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1)
         std = np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)

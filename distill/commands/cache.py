@@ -37,8 +37,10 @@ def run(args: argparse.Namespace) -> int:
     built = fill_cache(config, device=args.device, batch_size=args.batch_size, force=args.force)
     for name, folder in built.items() if is_rank_zero() else ():
         meta = json.loads((folder / "meta.json").read_text())
-        shapes = ", ".join(f"{name}.{o} {s['rows']}x{s['dim']}" for o, s in meta["outputs"].items())
-        print(f"{name:<12} {shapes} -> {folder}")
+        shapes = ", ".join(f"{name}.{o} {s['rows']}x{s['views']}x{s['dim']} ({s['views']} views)" if s.get("views")
+                           else f"{name}.{o} {s['rows']}x{s['dim']}" for o, s in meta["outputs"].items())
+        layout = f" ({len(meta['shards'])} shards)" if meta.get("layout") == "shards" else ""
+        print(f"{name:<12} {shapes} -> {folder}{layout}")
     return 0
 
 

@@ -39,6 +39,23 @@ class EdgeConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training augmentation (`distill.augment`): one random resized crop per sample, shown to
+    every model at its own resolution; flips and colour jitter off by default (captions name
+    sides and colours). `views: V` draws each sample's view from V fixed views per image (what
+    `distill cache` can store for a frozen teacher); null gives a fresh view every epoch."""
+
+    enabled: bool = False
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    hflip: bool = False
+    color_jitter: float = 0.0
+    hue: float = 0.0
+    views: int | None = None
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
     """Which registered dataset to read and how to batch it."""
 
@@ -51,6 +68,7 @@ class DataConfig:
     captions_per_image: str = "all"
     seed: int = 0
     steps_per_epoch: int | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -140,10 +158,15 @@ class CacheConfig:
     `mode`: `auto` reads a cache whose fingerprint matches and runs the teacher otherwise;
     `require` refuses to train without a matching cache; `never` ignores caches (not `off`,
     which YAML reads as false).
+
+    `layout`: `global` (one sorted key table per output; simple, for data up to ~10M
+    samples) or `shards` (one cache file set per webdataset shard, found by shard name: no
+    global table, built shard by shard in parallel and resumable; `distill.training.cache.shards`).
     """
 
     dir: str = "runs/cache"
     mode: str = "auto"
+    layout: str = "global"
 
 
 @dataclass

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from distill.augment import AugmentSpec
 from distill.config.load import read_config
 from distill.config.schema import Config
 from distill.config.signature import check_kwargs
@@ -379,6 +380,12 @@ def check(config: Config, *, data: bool = False) -> list[str]:
     problems += logger_problems(list(config.trainer.loggers))
     if config.cache.mode not in CACHE_MODES:
         problems.append(f"cache.mode: expected one of {', '.join(CACHE_MODES)}, got {config.cache.mode!r}")
+    if config.cache.layout not in ("global", "shards"):
+        problems.append(f"cache.layout: expected 'global' or 'shards', got {config.cache.layout!r}")
+    try:
+        AugmentSpec.from_config(config.data.augment)
+    except ConfigError as e:
+        problems += e.problems
     for name in config.save_pretrained:
         if name not in config.models:
             problems.append(f"save_pretrained.{name}: unknown model; models: {', '.join(config.models)}")

@@ -48,7 +48,7 @@ class KnowledgeGraph(nn.Module):
         edges: The edges, enabled or not (disabled ones keep their parameters so that
             checkpoints do not depend on which edges were switched on).
         frozen: Names of the frozen (teacher) models.
-        cached: Node name -> a lookup from sample keys to that node's precomputed rows
+        cached: Node name -> a lookup from a batch (its sample keys and views) to that node's precomputed rows
             (`distill.training.cache`); such nodes are read, not computed, and their model need not
             be in `models`.
     """
@@ -62,7 +62,7 @@ class KnowledgeGraph(nn.Module):
         models: dict[str, Encoder],
         edges: Iterable[Edge],
         frozen: Iterable[str] = (),
-        cached: Mapping[str, Callable[[list[str]], Tensor]] | None = None,
+        cached: Mapping[str, Callable[[Batch], Tensor]] | None = None,
     ) -> None:
         super().__init__()
         self.models = nn.ModuleDict(models)
@@ -131,7 +131,7 @@ class KnowledgeGraph(nn.Module):
     def encode(self, node: str, batch: Batch) -> Tensor:
         """Compute one node's output for a batch (teachers under no_grad), or read it from the cache."""
         if node in self.cached:
-            return self.cached[node](batch.keys).to(batch.image_ids.device)
+            return self.cached[node](batch).to(batch.image_ids.device)
         model_name, output = split_node(node)
         model = self.models[model_name]
         inputs = batch.inputs[model_name]

@@ -33,6 +33,30 @@ EvalImage = tuple[int, Image.Image, list[str]]
 TRAIN_MODES = ("all", "random")
 
 
+class SampleKey(str):
+    """A sample key that knows the data shard it was read from (`shard`: the shard's URL).
+
+    Sharded readers (webdataset) yield their keys as `SampleKey`s, and the captions' sample
+    keys inherit the shard, so a batch row can be looked up in a per-shard teacher cache
+    (`distill.training.cache.shards`) without a global key table. It compares, hashes and
+    prints as the plain key, and survives pickling between loader workers."""
+
+    shard: str
+
+    def __new__(cls, key: str, shard: str) -> SampleKey:
+        out = super().__new__(cls, key)
+        out.shard = shard
+        return out
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return SampleKey, (str(self), self.shard)
+
+
+def with_shard(key: str, source: str) -> str:
+    """`key` as a `SampleKey` of the shard of `source` when `source` knows one, else `key`."""
+    return SampleKey(key, source.shard) if isinstance(source, SampleKey) else key
+
+
 @dataclass(frozen=True)
 class Part:
     """One consumer's share of the data: worker `worker` of `num_workers` on rank `rank` of `world_size`."""
@@ -143,6 +167,15 @@ class CaptionDataset:
         """Training samples in one pass (pairs under "all", images under "random"), if known."""
         return None
 
+    def shards(self, split: str = "train") -> list[str] | None:
+        """The shard URLs of `split` when its data is sharded (webdataset), else None; a sharded
+        reader yields `SampleKey`s and implements `shard_images`."""
+        return None
+
+    def shard_images(self, url: str, skipped: Counter) -> Iterator[tuple[str, int, Image.Image, list[str]]]:
+        """Every image of one shard of `shards()`, in stored order, as (key, id, image, captions)."""
+        raise NotImplementedError(f"{type(self).__name__} is not sharded")
+
     def images(
         self, split: str, *, part: Part, seed: int | None, epoch: int, skipped: Counter
     ) -> Iterator[tuple[str, int, Image.Image, list[str]]]:
@@ -187,10 +220,10 @@ class CaptionDataset:
         ):
             if captions_per_image == "all":
                 for i, caption in enumerate(captions):
-                    yield f"{key}/{i}", image_id, image, caption
+                    yield with_shard(f"{key}/{i}", key), image_id, image, caption
             else:
                 i = _choice(len(captions), f"{seed}/{epoch}/{key}")
-                yield f"{key}/{i}", image_id, image, captions[i]
+                yield with_shard(f"{key}/{i}", key), image_id, image, captions[i]
 
     def eval_images(
         self, split: str, *, part: Part = Part(), skipped: Counter | None = None

@@ -21,6 +21,7 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from distill.augment import AugmentSpec, draw_view, pick_view
 from distill.batch import Batch, ModelInputs, RetrievalBatch
 from distill.data.base import CaptionDataset, EvalImage, Part, Sample
 from distill.errors import ConfigError
@@ -38,10 +39,14 @@ class Collator:
     Args:
         preprocess: Model name -> (image preprocessing, text preprocessing); None where the
             model reads no images (or no text).
+        augment: Training augmentation: `train_batch` shows each row's image as one view
+            (`distill.augment`) to every model, each at its own size; evaluation never augments.
+        data_seed: Seeds which view a sample uses in an epoch (`data.seed`).
     """
 
-    def __init__(self, preprocess: Preprocess) -> None:
+    def __init__(self, preprocess: Preprocess, augment: AugmentSpec | None = None, data_seed: int = 0) -> None:
         self.models = list(preprocess)
+        self.augment, self.data_seed = augment, data_seed
         self.image_groups: dict[tuple, tuple[ImagePreprocess, list[str]]] = {}
         self.text_groups: dict[tuple, tuple[TextPreprocess, list[str]]] = {}
         for model, (image_pp, text_pp) in preprocess.items():
@@ -62,6 +67,21 @@ class Collator:
             out.update({m: {"pixel_values": pixels} for m in models})
         return out
 
+    def views(self, images: Sequence[Any], image_keys: Sequence[str], views: Sequence[int]) -> dict[str, ModelInputs]:
+        """As `images`, each image shown as its view (`draw_view` of its key and view index);
+        a (image, view) pair repeated in the batch is processed once."""
+        assert self.augment is not None
+        drawn = {(id(im), v): draw_view(self.augment, k, v, *im.size) for im, k, v in zip(images, image_keys, views)}
+        out: dict[str, ModelInputs] = {}
+        for pp, models in self.image_groups.values():
+            once: dict[tuple[int, int], Tensor] = {}
+            for im, v in zip(images, views):
+                if (id(im), v) not in once:
+                    once[(id(im), v)] = torch.from_numpy(pp.view_array(im, drawn[(id(im), v)]))
+            pixels = torch.stack([once[(id(im), v)] for im, v in zip(images, views)])
+            out.update({m: {"pixel_values": pixels} for m in models})
+        return out
+
     def texts(self, captions: Sequence[str]) -> dict[str, ModelInputs]:
         """Model -> {"input_ids", "attention_mask"}: (N, L)."""
         out: dict[str, ModelInputs] = {}
@@ -75,12 +95,22 @@ class Collator:
             )
         return out
 
-    def train_batch(self, samples: Sequence[Sample]) -> Batch:
-        """Training pairs -> a `Batch` whose row i pairs image i with caption i."""
-        images, texts = self.images([s[2] for s in samples]), self.texts([s[3] for s in samples])
+    def train_batch(self, samples: Sequence[Sample], epochs: Sequence[int] | None = None) -> Batch:
+        """Training pairs -> a `Batch` whose row i pairs image i with caption i; with
+        augmentation, image i shows the view `pick_view` chooses for sample i in its epoch
+        (`epochs[i]`, default 0)."""
+        keys = [s[0] for s in samples]
+        views = None
+        if self.augment is None:
+            images = self.images([s[2] for s in samples])
+        else:
+            views = [pick_view(self.augment, self.data_seed, e, k) for k, e in zip(keys, epochs or [0] * len(keys))]
+            images = self.views([s[2] for s in samples], [k.rsplit("/", 1)[0] for k in keys], views)
+        texts = self.texts([s[3] for s in samples])
         inputs = {m: {**images.get(m, {}), **texts.get(m, {})} for m in self.models}
         ids = torch.tensor([s[1] for s in samples], dtype=torch.int64)
-        return Batch(keys=[s[0] for s in samples], image_ids=ids, inputs=inputs)
+        return Batch(keys=keys, image_ids=ids, inputs=inputs,
+                     views=None if views is None else torch.tensor(views, dtype=torch.int64))
 
     def eval_batch(self, items: Sequence[EvalImage]) -> RetrievalBatch:
         """Images with all their captions -> a `RetrievalBatch`."""
@@ -159,7 +189,7 @@ class TrainStream(IterableDataset):
         self.skip = 0
         """Batches of this epoch the rank already trained on (set by `EpochLoader` on resume)."""
 
-    def _samples(self, part: Part, skipped: Counter) -> Iterator[Sample]:
+    def _samples(self, part: Part, skipped: Counter) -> Iterator[tuple[int, Sample]]:
         for rerun in itertools.count() if self.steps is not None else range(1):
             seen = 0
             epoch = self.epoch * 1000 + rerun  # a new shard order for every rerun
@@ -171,7 +201,7 @@ class TrainStream(IterableDataset):
                 skipped=skipped,
             ):
                 seen += 1
-                yield sample
+                yield epoch, sample
             if seen == 0:
                 return
 
@@ -195,7 +225,8 @@ class TrainStream(IterableDataset):
                     skipped.clear()
                     continue
                 total.update(skipped)
-                yield _attach(self.collator.train_batch(chunk), "train", skipped)
+                batch = self.collator.train_batch([s for _, s in chunk], [e for e, _ in chunk])
+                yield _attach(batch, "train", skipped)
                 done += 1
                 if quota is not None and done >= quota:
                     break

@@ -295,6 +295,13 @@ class SyntheticShapes(CaptionDataset):
     def train_size(self, captions_per_image: str) -> int | None:
         return self.sizes[0] * (CAPTIONS_PER_IMAGE if captions_per_image == "all" else 1)
 
+    def shards(self, split: str = "train") -> list[str] | None:
+        return self.reader().shards(split)
+
+    def shard_images(self, url: str, skipped: Counter) -> Iterator[tuple[str, int, Image.Image, list[str]]]:
+        self.prepare()
+        return self.reader().shard_images(url, skipped)
+
     def images(
         self, split: str, *, part: Part, seed: int | None, epoch: int, skipped: Counter
     ) -> Iterator[tuple[str, int, Image.Image, list[str]]]:

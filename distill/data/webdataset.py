@@ -23,6 +23,7 @@ from PIL import Image
 from distill.data.base import (
     CaptionDataset,
     Part,
+    SampleKey,
     clean_captions,
     open_rgb,
     ordered,
@@ -124,12 +125,14 @@ def decode_sample(sample: dict, skipped: Counter) -> tuple[str, int, Image.Image
 def read_shards(
     urls: list[str], *, stride: int = 1, offset: int = 0, skipped: Counter
 ) -> Iterator[tuple[str, int, Image.Image, list[str]]]:
-    """Decoded samples of `urls` in order, keeping sample i of each shard when `i % stride == offset`."""
+    """Decoded samples of `urls` in order, keeping sample i of each shard when `i % stride == offset`;
+    keys are `SampleKey`s that know their shard."""
     for url in urls:
         samples = wds.tarfile_samples([{"url": url}], handler=_handler(url, skipped))
         for i, sample in enumerate(samples):
             if i % stride == offset and (decoded := decode_sample(sample, skipped)) is not None:
-                yield decoded
+                key, image_id, image, captions = decoded
+                yield SampleKey(key, url), image_id, image, captions
 
 
 @DATASETS.register("webdataset")
@@ -181,6 +184,12 @@ class WebDatasetShards(CaptionDataset):
         except Exception:  # braceexpand raises on unbalanced braces (`check` reports it)
             return {}
         return {url: "remote" if (p := local_path(url)) is None else file_signature(p) for url in urls}
+
+    def shards(self, split: str = "train") -> list[str] | None:
+        return expand_urls(self.patterns[split] or "")
+
+    def shard_images(self, url: str, skipped: Counter) -> Iterator[tuple[str, int, Image.Image, list[str]]]:
+        return read_shards([url], skipped=skipped)
 
     def images(
         self, split: str, *, part: Part, seed: int | None, epoch: int, skipped: Counter

@@ -16,6 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
+from distill.augment import AugmentSpec
 from distill.batch import Batch
 from distill.data.base import TRAIN_MODES, open_dataset
 from distill.data.loading import Collator, EpochLoader, Preprocess, TrainStream, eval_loader
@@ -46,7 +47,8 @@ class DistillDataModule(pl.LightningDataModule):
             )
         self.cfg = data_cfg
         self.dataset = open_dataset(data_cfg.dataset, data_cfg.args)
-        self.train_collator = Collator(preprocess)
+        augment = getattr(data_cfg, "augment", None)  # training views (`distill.augment`); eval never augments
+        self.train_collator = Collator(preprocess, AugmentSpec.from_config(augment) if augment else None, data_cfg.seed)
         self.eval_preprocess = eval_preprocess if eval_preprocess is not None else preprocess
         self.skipped: Counter[str] = Counter()
         """`<split>/<reason>` -> samples skipped so far on this rank (filled by `on_before_batch_transfer`)."""

@@ -50,7 +50,8 @@ def _rows(batch: Batch, start: int, stop: int) -> Batch:
         return cut[id(t)]
 
     return Batch(keys=batch.keys[start:stop], image_ids=part(batch.image_ids),
-                 inputs={m: {name: part(t) for name, t in d.items()} for m, d in batch.inputs.items()})
+                 inputs={m: {name: part(t) for name, t in d.items()} for m, d in batch.inputs.items()},
+                 views=None if batch.views is None else part(batch.views))
 
 
 def _rng_state() -> tuple[Tensor, list[Tensor]]:

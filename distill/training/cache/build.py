@@ -34,6 +34,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from distill.augment import AugmentSpec
 from distill.config.schema import Config
 from distill.data.base import CaptionDataset, Part, open_dataset
 from distill.data.loading import Collator
@@ -43,11 +44,13 @@ from distill.io import atomic_path, write_json
 from distill.models.base import Encoder
 from distill.training.cache.fingerprint import (
     CACHEABLE,
+    Fingerprint,
     cache_plan,
     data_files,
     fingerprint,
     load_frozen,
 )
+from distill.training.cache.shards import build_shards, shard_done
 from distill.training.cache.store import array_record, check_entry, entries
 
 MERGE_ROWS = 65536
@@ -64,15 +67,25 @@ class ImageStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[list[str], dict, list[str], dict]]:
         info = get_worker_info()
         part = Part(self.rank, self.world, info.id if info else 0, info.num_workers if info else 1)
-        items = self.dataset.images("train", part=part, seed=None, epoch=0, skipped=Counter())
-        for chunk in wds.batched(self.batch_size, collation_fn=list, partial=True)(items):
-            captions = [(f"{key}/{i}", c) for key, _, _, caps in chunk for i, c in enumerate(caps)]
-            yield (
-                [key for key, _, _, _ in chunk],
-                self.collator.images([image for _, _, image, _ in chunk]),
-                [k for k, _ in captions],
-                self.collator.texts([c for _, c in captions]),
-            )
+        yield from encoder_inputs(self.dataset.images("train", part=part, seed=None, epoch=0, skipped=Counter()),
+                                  self.collator, self.batch_size)
+
+
+def encoder_inputs(items: Iterator[tuple[str, int, Any, list[str]]], collator: Collator,
+                   batch_size: int) -> Iterator[tuple[list[str], dict, list[str], dict]]:
+    """(image keys, image inputs, sample keys, text inputs) per chunk of `batch_size` images;
+    with augmented views (`collator.augment.views` = V) the image inputs hold V rows per image,
+    image-major (image 0's views 0..V-1, then image 1's)."""
+    views = collator.augment.views if collator.augment is not None else None
+    for chunk in wds.batched(batch_size, collation_fn=list, partial=True)(items):
+        captions = [(f"{key}/{i}", c) for key, _, _, caps in chunk for i, c in enumerate(caps)]
+        keys, images = [key for key, _, _, _ in chunk], [image for _, _, image, _ in chunk]
+        if views is None:
+            pixels = collator.images(images)
+        else:
+            pixels = collator.views([im for im in images for _ in range(views)],
+                                    [k for k in keys for _ in range(views)], list(range(views)) * len(keys))
+        yield keys, pixels, [k for k, _ in captions], collator.texts([c for _, c in captions])
 
 
 def encode_part(
@@ -89,10 +102,9 @@ def encode_part(
     parts.mkdir(parents=True, exist_ok=True)
     pre = {"m": (model.image_preprocess() if "image" in outputs else None,
                  model.text_preprocess() if "text" in outputs else None)}
-    stream = ImageStream(dataset, Collator(pre), batch_size or config.data.eval_batch_size, rank, world)
+    collator = Collator(pre, AugmentSpec.from_config(config.data.augment))
+    stream = ImageStream(dataset, collator, batch_size or config.data.eval_batch_size, rank, world)
     loader = DataLoader(stream, batch_size=None, num_workers=config.data.num_workers)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     files = {o: open(parts / f"{o}.rank{rank}.f16", "wb") for o in outputs}
     keys: dict[str, list[str]] = {o: [] for o in outputs}
     try:
@@ -100,17 +112,8 @@ def encode_part(
             shown = tqdm(loader, desc="teacher outputs", unit="batch", disable=rank > 0 or not sys.stderr.isatty())
             for image_keys, images, sample_keys, texts in shown:
                 for output in outputs:
-                    inputs = (images if output == "image" else texts)["m"]
-                    inputs = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
-                    with np.errstate(over="ignore"):  # an overflow is refused just below, with its key
-                        rows = model.encode(output, inputs).float().cpu().numpy().astype(np.float16)
                     batch_keys = image_keys if output == "image" else sample_keys
-                    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
-                    if len(bad):  # never stored, so that a non-finite value read later is damage
-                        raise ConfigError(
-                            f"models.{name}: its {output} output for {batch_keys[bad[0]]!r} is not finite in fp16 "
-                            "(NaN, or beyond 65504): it cannot be cached; set cache.mode=never"
-                        )
+                    rows = encode_rows(model, output, images if output == "image" else texts, batch_keys, name)
                     files[output].write(rows.tobytes())
                     keys[output].extend(batch_keys)
     finally:
@@ -118,6 +121,28 @@ def encode_part(
             f.close()
     for output in outputs:
         write_json(parts / f"{output}.rank{rank}.json", keys[output])
+
+
+def encode_rows(model: Encoder, output: str, inputs: dict[str, dict[str, torch.Tensor]], keys: list[str],
+                name: str) -> np.ndarray:
+    """(len(keys), width) fp16 rows of one output for a chunk (V views of an image: one row of
+    V x D, view-major), on the model's device and dtype.
+
+    Raises:
+        ConfigError: If a row is not finite in fp16 (never stored, so a non-finite value read
+            later is damage).
+    """
+    param = next(model.parameters())
+    moved = {k: v.to(param.device, param.dtype if v.is_floating_point() else v.dtype) for k, v in inputs["m"].items()}
+    with np.errstate(over="ignore"):  # an overflow is refused just below, with its key
+        rows = model.encode(output, moved).float().cpu().numpy().astype(np.float16).reshape(len(keys), -1)
+    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+    if len(bad):
+        raise ConfigError(
+            f"models.{name}: its {output} output for {keys[bad[0]]!r} is not finite in fp16 "
+            "(NaN, or beyond 65504): it cannot be cached; set cache.mode=never"
+        )
+    return rows
 
 
 def merge_parts(parts: Path, outputs: list[str], world: int, folder: Path) -> dict[str, dict[str, Any]]:
@@ -208,6 +233,12 @@ def fill_cache(
         folder = Path(config.cache.dir).expanduser() / fp.digest()[:20]
         meta = entries(config.cache.dir).get(folder, {})
         held = [o for o in meta.get("outputs", {}) if o in CACHEABLE]
+        if config.cache.layout == "shards" and (force or not set(outputs) <= set(held) or check_entry(folder, meta, outputs)):
+            # shard by shard: finished shards are kept (resumes), the rest are built
+            wanted = list(dict.fromkeys([*outputs, *held])) if meta.get("layout") == "shards" else outputs
+            fill_sharded(config, name, model.to(device), fp, folder, wanted, rank, world, batch_size, force)
+            done[name] = folder
+            continue
         if force:
             todo = list(dict.fromkeys([*outputs, *held]))
         else:
@@ -221,15 +252,12 @@ def fill_cache(
             encode_part(config, model.to(device), todo, parts, rank=rank, world=world, batch_size=batch_size, name=name)
             barrier()
             if rank == 0:
-                shapes = merge_parts(parts, todo, world, folder)
+                shapes = with_views(merge_parts(parts, todo, world, folder), config, fp)
                 kept = [o for o in held if o not in todo]
                 arrays = {k: v for o in kept for k, v in meta.get("arrays", {}).items() if k.startswith(f"{o}.")}
                 unsigned = [o for o in kept if f"{o}.npy" not in arrays]  # built by an older distill
-                spec = config.models[name]
                 meta = {
-                    "fingerprint": fp.digest(), "parts": fp.parts(), "files": fp.files,
-                    "model": {"name": name, "type": spec.type, "args": dict(spec.args), "precision": spec.precision},
-                    "dataset": {"name": config.data.dataset, "args": dict(config.data.args)},
+                    **entry_meta(config, name, fp),
                     "outputs": {**{o: meta["outputs"][o] for o in kept}, **shapes}, "dtype": "float16",
                     "arrays": {**arrays, **array_record(folder, [*unsigned, *todo])},
                     "seconds": round(time.perf_counter() - start, 2),
@@ -240,3 +268,65 @@ def fill_cache(
         done[name] = folder
         del model
     return done
+
+
+def entry_meta(config: Config, name: str, fp: Fingerprint) -> dict[str, Any]:
+    """What every entry's `meta.json` records of its origin (fingerprint, model, data, views)."""
+    spec = config.models[name]
+    return {
+        "fingerprint": fp.digest(), "parts": fp.parts(), "files": fp.files,
+        "model": {"name": name, "type": spec.type, "args": dict(spec.args), "precision": spec.precision},
+        "dataset": {"name": config.data.dataset, "args": dict(config.data.args)},
+        **({"augment": fp.settings} if fp.settings else {}),
+    }
+
+
+def with_views(shapes: dict[str, dict[str, int]], config: Config, fp: Fingerprint) -> dict[str, dict[str, int]]:
+    """`shapes` with the image output's width split into V views of D (`{"dim": D, "views": V}`)."""
+    spec = AugmentSpec.from_config(config.data.augment)
+    if "image" not in shapes or not fp.settings or spec is None or not spec.views:
+        return shapes
+    return {**shapes, "image": {**shapes["image"], "dim": shapes["image"]["dim"] // spec.views, "views": spec.views}}
+
+
+def fill_sharded(
+    config: Config, name: str, model: Encoder, fp: Fingerprint, folder: Path, outputs: list[str],
+    rank: int, world: int, batch_size: int | None, force: bool,
+) -> None:
+    """`cache.layout: shards`: every rank builds its unfinished shards, then rank 0 writes
+    `meta.json` from the shards' `done.json` (`distill.training.cache.shards`).
+
+    Raises:
+        ConfigError: If the training data is not sharded.
+    """
+    dataset = open_dataset(config.data.dataset, config.data.args)
+    urls = dataset.shards("train")
+    if not urls:
+        raise ConfigError(f"cache.layout: shards needs sharded training data (webdataset); data.dataset "
+                          f"{config.data.dataset!r} is not sharded here; use cache.layout=global")
+    start = time.perf_counter()
+    barrier()
+    if rank == 0:
+        (folder / "meta.json").unlink(missing_ok=True)  # incomplete until every shard is
+    collator = Collator({"m": (model.image_preprocess() if "image" in outputs else None,
+                               model.text_preprocess() if "text" in outputs else None)},
+                        AugmentSpec.from_config(config.data.augment))
+    build_shards(dataset, model, outputs, folder, collator, rank=rank, world=world,
+                 batch_size=batch_size or config.data.eval_batch_size, num_workers=config.data.num_workers,
+                 name=name, force=force)
+    barrier()
+    if rank == 0:
+        shapes: dict[str, dict[str, int]] = {}
+        for url in urls:
+            record = shard_done(folder, url)
+            if record is None or set(record["outputs"]) != set(outputs):
+                raise ConfigError(f"cache.dir: shard {url} was not built (see the errors of the rank that took it)")
+            for output, spec in record["outputs"].items():
+                total = shapes.setdefault(output, {"rows": 0, "dim": 0})
+                total["rows"] += spec["rows"]
+                total["dim"] = total["dim"] or spec["width"]
+        meta = {**entry_meta(config, name, fp), "layout": "shards", "shards": urls,
+                "outputs": with_views(shapes, config, fp), "dtype": "float16",
+                "seconds": round(time.perf_counter() - start, 2)}
+        write_json(folder / "meta.json", meta, default=str)  # last: the entry is complete
+    barrier()

@@ -11,6 +11,12 @@ The fingerprint hashes, each part separately so that a mismatch can say which:
   reading). The per-file signatures are stored in the entry's `meta.json` (`files`), so a
   changed file is named: `<shard> changed`.
 
+- `augment` (only when training augments images and the image output is cached): the view
+  settings of `data.augment` (`distill.augment.AugmentSpec.key`: crop ranges, flip, jitter,
+  the number of views V and their seed), stored in `meta.json` so that a miss names the
+  setting that changed (`data.augment.views (4 in the cache, 8 now)`). Without augmentation
+  the part is absent, so entries built before it keep their fingerprints.
+
 Not `captions_per_image`, since every caption is cached.
 """
 
@@ -23,6 +29,7 @@ from typing import Any
 
 import torch
 
+from distill.augment import AugmentSpec
 from distill.config.schema import Config
 from distill.core.build import load_models
 from distill.core.graph import DTYPES, split_node
@@ -50,10 +57,13 @@ class Fingerprint:
     dataset: str
     content: str
     files: dict[str, str] = field(default_factory=dict, compare=False)
+    augment: str = ""
+    settings: dict[str, Any] = field(default_factory=dict, compare=False)
+    """The `data.augment` settings `augment` hashes (empty: no augmented views cached)."""
 
     def parts(self) -> dict[str, str]:
-        """Part name -> its hash (what `meta.json` stores under `parts`)."""
-        return {k: getattr(self, k) for k in PARTS}
+        """Part name -> its hash (what `meta.json` stores under `parts`); `augment` only when set."""
+        return {k: getattr(self, k) for k in PARTS} | ({"augment": self.augment} if self.augment else {})
 
     def digest(self) -> str:
         """One hex digest of all parts (the entry's folder is its first 20 digits)."""
@@ -64,6 +74,8 @@ class Fingerprint:
         (when the dataset args are the same) which files changed."""
         stored = meta.get("parts", {})
         out = [k for k in PARTS if k != "content" and stored.get(k) != getattr(self, k)]
+        if stored.get("augment", "") != self.augment:
+            out.append(augment_changes(meta.get("augment") or {}, self.settings))
         if stored.get("content") != self.content:
             if "files" not in meta:
                 out.append("content (not recorded: the entry predates data signatures)")
@@ -79,6 +91,16 @@ def file_changes(old: dict[str, str], new: dict[str, str], shown: int = 3) -> st
     lines = [_change(f, old, new) for f in sorted(set(old) | set(new)) if old.get(f) != new.get(f)]
     more = f" and {len(lines) - shown} more" if len(lines) > shown else ""
     return ", ".join(lines[:shown]) + more
+
+
+def augment_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """`data.augment.views (4 in the cache, 8 now), ...`: the view settings that differ."""
+    if not old or not new:
+        return f"data.augment ({'augmented views' if old else 'no augmentation'} in the cache, " \
+               f"{'augmented views' if new else 'no augmentation'} now)"
+    changed = [f"data.augment.{k} ({old.get(k)} in the cache, {new.get(k)} now)"
+               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(changed) or "data.augment"
 
 
 def _change(file: str, old: dict[str, str], new: dict[str, str]) -> str:
@@ -135,7 +157,28 @@ def fingerprint(config: Config, name: str, model: Encoder, files: dict[str, str]
             )
         keys.append(_sha(type(pp).__qualname__, pp.key()) if pp is not None else "")
     files = data_files(config) if files is None else files
-    return Fingerprint(weights_hash(model), keys[0], keys[1], dataset_hash(config), _sha(files), dict(files))
+    settings = augment_settings(config, name)
+    return Fingerprint(weights_hash(model), keys[0], keys[1], dataset_hash(config), _sha(files), dict(files),
+                       _sha(settings) if settings else "", settings)
+
+
+def augment_settings(config: Config, name: str) -> dict[str, Any]:
+    """The `data.augment` settings model `name`'s cached image rows depend on ({} when training
+    does not augment or its image output is not cached).
+
+    Raises:
+        ConfigError: If training draws a fresh view every epoch (`views: null`): no finite
+            set of views to cache.
+    """
+    spec = AugmentSpec.from_config(config.data.augment)
+    if spec is None or "image" not in cache_plan(config).get(name, []):
+        return {}
+    if spec.views is None:
+        raise ConfigError(
+            f"data.augment.views: null draws a fresh view every epoch, so models.{name}.image cannot be "
+            "cached; set data.augment.views=V to cache V views per image, or cache.mode=never"
+        )
+    return spec.key()
 
 
 def cache_plan(config: Config) -> dict[str, list[str]]:

@@ -63,6 +63,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from distill.batch import Batch
 from distill.config.schema import Config
 from distill.errors import ConfigError
 from distill.models.base import Encoder
@@ -73,6 +74,7 @@ from distill.training.cache.fingerprint import (
     fingerprint,
     load_frozen,
 )
+from distill.training.cache.shards import ShardCachedNode, shard_problems
 
 log = logging.getLogger(__name__)
 REBUILD = "rebuild it with `distill cache CONFIG --force`"
@@ -117,7 +119,8 @@ def _file_problems(folder: Path, meta: dict[str, Any], outputs: list[str]) -> di
     for output in outputs:
         spec = meta.get("outputs", {}).get(output, {})
         rows, dim = spec.get("rows"), spec.get("dim")
-        for name, want in zip(array_files(output), ((rows, dim), (rows,))):
+        width = dim * spec.get("views", 1) if dim is not None else None  # V views of an image: one row
+        for name, want in zip(array_files(output), ((rows, width), (rows,))):
             path = folder / name
             try:
                 size = path.stat().st_size
@@ -146,6 +149,8 @@ def check_entry(folder: str | Path, meta: dict[str, Any], outputs: list[str]) ->
     `meta.json` records, and that its size is what the header implies and what `meta.json`
     recorded: a truncated file is found from one stat and a 128-byte read.
     """
+    if meta.get("layout") == "shards":
+        return shard_problems(Path(folder), meta, outputs)
     return [f"{path}: {why}" for path, why in _file_problems(Path(folder), meta, outputs).items()]
 
 
@@ -173,6 +178,8 @@ def verify_entry(folder: str | Path, meta: dict[str, Any]) -> list[str]:
     """
     folder = Path(folder)
     outputs = list(meta.get("outputs", {}))
+    if meta.get("layout") == "shards":
+        return [f"{line}; {REBUILD}" for line in shard_problems(folder, meta, outputs, hashes=True)]
     problems = _file_problems(folder, meta, outputs)
     for output in outputs:
         for name in array_files(output):
@@ -194,11 +201,15 @@ class CachedNode:
         folder: The cache entry.
         output: `image` (rows keyed by image key) or `text` (by sample key).
         node: The graph node it serves, for error messages.
-        shape: The (rows, dim) that `meta.json` records, checked on opening; None: not checked.
+        shape: The (rows, width) that `meta.json` records, checked on opening; None: not checked.
+        views: V when the entry holds V augmented views per image (a row of V x D values,
+            view-major within it), read at the view each batch row shows (`Batch.views`).
     """
 
-    def __init__(self, folder: str | Path, output: str, node: str, shape: tuple[int, int] | None = None) -> None:
+    def __init__(self, folder: str | Path, output: str, node: str, shape: tuple[int, int] | None = None,
+                 views: int | None = None) -> None:
         self.folder, self.output, self.node, self.shape = Path(folder), output, node, shape
+        self.views = views
         self._keys: np.ndarray | None = None
         self._rows: np.ndarray | None = None
 
@@ -224,13 +235,19 @@ class CachedNode:
             self._keys, self._rows = keys, rows
         return self._keys, self._rows
 
-    def __call__(self, keys: list[str]) -> Tensor:
-        """(len(keys), D) float32 rows of these sample keys.
+    def __call__(self, batch: Batch | list[str]) -> Tensor:
+        """(len(batch), D) float32 rows of the batch's sample keys (and views; a plain list of
+        keys reads an entry without views).
 
         Raises:
             ConfigError: If a key is not in the cache (data changed without changing its
                 files' signatures), or a row read is not finite (a damaged file).
         """
+        out = self.rows(batch if isinstance(batch, list) else batch.keys)
+        return out if self.views is None else select_views(out, self.views, batch, self.folder, self.node)
+
+    def rows(self, keys: list[str]) -> Tensor:
+        """(len(keys), width) float32 stored rows of these sample keys (every view)."""
         stored, rows = self._open()
         wanted = [k.rsplit("/", 1)[0] for k in keys] if self.output == "image" else keys
         query = np.array([k.encode() for k in wanted])
@@ -242,16 +259,49 @@ class CachedNode:
                 f"{self.folder}: {len(missing)} keys of {self.node} (e.g. {missing[0]!r}) are not in this cache "
                 f"entry: the training data changed without changing its files' size or mtime; {REBUILD}"
             )
-        out = np.asarray(rows[idx], dtype=np.float32)
-        bad = ~np.isfinite(out).all(axis=1)  # B x D values: ~35 us for 256 x 256
-        if bad.any():
-            first = wanted[int(np.flatnonzero(bad)[0])]
-            raise ConfigError(
-                f"{self.folder / array_files(self.output)[0]}: {int(bad.sum())} of {len(keys)} rows read for "
-                f"{self.node} are not finite (e.g. {first!r}): the file is damaged; check it with "
-                f"`distill cache CONFIG --verify` and {REBUILD}"
-            )
-        return torch.from_numpy(out)
+        return finite_rows(np.asarray(rows[idx], dtype=np.float32), wanted, self.folder / array_files(self.output)[0],
+                           self.node)
+
+
+def finite_rows(out: np.ndarray, wanted: list[str], path: Path, node: str) -> Tensor:
+    """`out` as a tensor after checking that every row read is finite (B x D values: ~35 us
+    for 256 x 256); the cache never stores a non-finite value, so one is damage.
+
+    Raises:
+        ConfigError: Naming the file (`path`), how many rows and the first key.
+    """
+    bad = ~np.isfinite(out).all(axis=1)
+    if bad.any():
+        first = wanted[int(np.flatnonzero(bad)[0])]
+        raise ConfigError(
+            f"{path}: {int(bad.sum())} of {len(wanted)} rows read for {node} are not finite (e.g. {first!r}): the "
+            f"file is damaged; check it with `distill cache CONFIG --verify` and {REBUILD}"
+        )
+    return torch.from_numpy(out)
+
+
+def select_views(rows: Tensor, views: int | None, batch: Batch | list[str], folder: Path, node: str) -> Tensor:
+    """Each row's stored view (`Batch.views`) out of its V x D values; `rows` when there are no views.
+
+    Raises:
+        ConfigError: If the entry holds views but the batch shows unaugmented images.
+    """
+    if views is None:
+        return rows
+    if isinstance(batch, list) or batch.views is None:
+        raise ConfigError(f"{folder}: holds {views} augmented views per image for {node}, but the batch shows "
+                          "unaugmented images; set data.augment.enabled=true or use another cache")
+    v = batch.views.cpu() % views
+    return rows.view(len(rows), views, -1)[torch.arange(len(rows)), v]
+
+
+def cached_node(folder: Path, output: str, node: str, meta: dict[str, Any]) -> CachedNode | ShardCachedNode:
+    """The lookup of one output of an entry, from its `meta.json` (layout; rows, dim, views)."""
+    spec = meta["outputs"][output]
+    views = spec.get("views")
+    if meta.get("layout") == "shards":
+        return ShardCachedNode(folder, output, node, views)
+    return CachedNode(folder, output, node, (spec["rows"], spec["dim"] * (views or 1)), views)
 
 
 def _match(config: Config, fp: Fingerprint, outputs: list[str], model_type: str) -> tuple[Path | None, list[str]]:
@@ -321,11 +371,8 @@ def resolve_cache(config: Config) -> dict[str, CachedNode]:
                 log.warning("%s: the teacher runs live: %s", where, "; ".join(e.problems))
             continue
         if folder is not None:
-            shapes = entries(config.cache.dir)[folder]["outputs"]
-            found.update({
-                f"{name}.{o}": CachedNode(folder, o, f"{name}.{o}", (shapes[o]["rows"], shapes[o]["dim"]))
-                for o in outputs
-            })
+            meta = entries(config.cache.dir)[folder]
+            found.update({f"{name}.{o}": cached_node(folder, o, f"{name}.{o}", meta) for o in outputs})
             log.info("%s: read from %s", where, folder)
         elif config.cache.mode == "require":
             problems.append(f"{where}: no matching cache ({why}); build it with `distill cache CONFIG`")
@@ -362,6 +409,9 @@ def verify_cache(config: Config) -> dict[str, Verified]:
         meta = entries(config.cache.dir)[folder]
         start = time.perf_counter()
         problems = verify_entry(folder, meta)
-        size = sum(f.stat().st_size for o in meta.get("outputs", {}) for n in array_files(o) if (f := folder / n).is_file())
+        files = [folder / n for o in meta.get("outputs", {}) for n in array_files(o)]
+        if meta.get("layout") == "shards":
+            files = [f for o in meta.get("outputs", {}) for n in array_files(o) for f in folder.glob(f"shards/*/{n}")]
+        size = sum(f.stat().st_size for f in files if f.is_file())
         report[name] = Verified(folder, problems, size, time.perf_counter() - start)
     return report
