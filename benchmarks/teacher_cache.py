@@ -17,6 +17,11 @@ preprocess for the teacher. `--images` training images (5 captions each): the st
 does not depend on it; the cache build time scales with it. Variants alternate,
 `--repeats` steps each. `--teacher-*` swap in a bigger teacher (the cache's gain grows
 with the teacher's share of a step). Writes benchmarks/results/teacher_cache.json.
+
+With `--augment V` every variant trains on augmented images (`data.augment`, random resized
+crops): `live` runs the teacher on a fresh view every epoch, `cached` reads the teacher's
+rows of one of V cached views per image (the student sees that view), `student` is the
+student alone on augmented images (the limit). Writes teacher_cache_augment.json.
 """
 
 from __future__ import annotations
@@ -64,17 +69,22 @@ def main() -> None:
     parser.add_argument("--teacher-image", default="resnet18", help="timm model of the teacher's image tower")
     parser.add_argument("--teacher-width", type=int, default=256, help="teacher BERT width")
     parser.add_argument("--teacher-layers", type=int, default=4, help="teacher BERT depth")
-    parser.add_argument("--out", type=Path, default=RESULTS / "teacher_cache.json")
+    parser.add_argument("--augment", type=int, default=0, metavar="V",
+                        help="train on augmented views; the cache holds V views per image (0: no augmentation)")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    args.out = args.out or RESULTS / ("teacher_cache_augment.json" if args.augment else "teacher_cache.json")
+    augment = ["data.augment.enabled=true"] if args.augment else []
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         common = [f"data.args={{n_train: {args.images}, n_val: 0, n_test: 0, root: '{tmp}/data'}}",
                   f"data.batch_size={args.batch}", "data.num_workers=0", f"output_dir={tmp}/run",
                   f"cache.dir={tmp}/cache"]  # fmt: skip
         spec = teacher_spec(args.teacher_image, args.teacher_width, args.teacher_layers)
-        live = experiment("conaclip", {"teacher": spec}, [*common, "cache.mode=never"])
-        cached_cfg = experiment("conaclip", {"teacher": spec}, [*common, "cache.mode=require"])
-        alone = experiment("clip_baseline", {}, common)
+        views = [f"data.augment.views={args.augment}"] if args.augment else []
+        live = experiment("conaclip", {"teacher": spec}, [*common, *augment, "cache.mode=never"])
+        cached_cfg = experiment("conaclip", {"teacher": spec}, [*common, *augment, *views, "cache.mode=require"])
+        alone = experiment("clip_baseline", {}, [*common, *augment])
         start = time.perf_counter()
         fill_cache(cached_cfg, batch_size=args.batch)
         build_s = time.perf_counter() - start
@@ -108,7 +118,7 @@ def main() -> None:
         "step_ms": {k: [round(1e3 * t, 1) for t in v] for k, v in times.items()},
         "loader_ms_per_batch": {k: 1e3 * v[3] for k, v in variants.items()},
         "cache_build_s": build_s,
-        "cache_rows": {"images": args.images, "captions": 5 * args.images},
+        "cache_rows": {"images": args.images, "views": args.augment or None, "captions": 5 * args.images},
         "speedup_cached_vs_live": step_s["live"] / step_s["cached"],
         "cached_vs_student_time": step_s["cached"] / step_s["student"],
         # the most a cache can give: a live step is a cached step plus the teacher's forward
@@ -123,7 +133,7 @@ def main() -> None:
     print(f"cached vs live: {result['speedup_cached_vs_live']:.2f}x faster (at most "
           f"{result['bound_speedup']:.2f}x: cached step + teacher forward); cached / student alone: "
           f"{result['cached_vs_student_time']:.2f}x the time; cache build: {build_s:.1f} s for "
-          f"{args.images} images + {5 * args.images} captions; targets: {result['targets']}")  # fmt: skip
+          f"{args.images} images{f' x {args.augment} views' if args.augment else ''} + {5 * args.images} captions; targets: {result['targets']}")  # fmt: skip
     write(result, args.out)
 
 

@@ -38,15 +38,25 @@ What is checked, and what it costs:
   extensions: 1.35 GB/s measured, faster here than blake2b's 0.46 GB/s; no extra
   dependency), which also finds flipped bytes that stay finite.
 
+Augmented training (`data.augment`, `distill.augment`): with `views: V` the entry stores
+the teacher's image rows of V views per image, each a pure function of (`data.augment.seed`,
+image key, view index, image size), as one row of V x D values (`meta.json` records `dim`
+D and `views` V); training picks a view per sample and epoch (`Batch.views`), shows that
+view to the student at its own resolution and reads the teacher's row of the same view.
+Text rows do not depend on the view. The fingerprint's `augment` part holds the settings
+and V, so any change is a miss naming the setting. `views: null` (a fresh view every epoch)
+cannot be cached, and is refused with one line.
+
 Not cached: `pair` nodes (a cross-encoder's scorer over the pairs of one batch: its
-candidates depend on which rows share the batch), and any model whose preprocessing
-declares augmentation (`ImagePreprocess.deterministic = False`): a cached output would be
-one fixed view where training expects a fresh one; caching such a model is refused.
+candidates depend on which rows share the batch), and any model whose preprocessing class
+declares its own randomness (`ImagePreprocess.deterministic = False`): caching such a model
+is refused.
 
 Under DDP (`torchrun ... -m distill cache`), each rank encodes its share of the images
 (`Part` split by rank, then loader worker) into `parts/`, and rank 0 merges the parts into
 the sorted arrays after a barrier; `meta.json` is written last, so a half-built entry is
-never read.
+never read. `cache.layout: shards` instead writes one set of files per data shard, built in
+parallel without a merge and resumable by shard (`distill.training.cache.shards`).
 """
 
 from __future__ import annotations
