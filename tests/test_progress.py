@@ -30,3 +30,15 @@ def test_the_terminal_bar_counts_steps(tiny_yaml: Path, capsys: pytest.CaptureFi
     assert main(["fit", str(tiny_yaml), "trainer.progress_bar=true", "trainer.max_steps=4"]) == 0
     err = capsys.readouterr().err
     assert "train: 100%" in err and "4/4" in err and "Epoch" not in err, err[-500:]
+
+
+def test_count_progress_prints_lines_with_rate_and_eta_in_a_log(capsys: pytest.CaptureFixture[str]) -> None:
+    from distill.training.progress import CountProgress
+
+    shown = CountProgress("cache: models.teacher outputs", 100, "image", seconds=0.0)
+    shown.update(25)
+    shown.update(25)
+    shown.close()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("cache: models.teacher outputs: 50/100 images, ")
+    assert "images/s" in lines[1] and "ETA" in lines[1]

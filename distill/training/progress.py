@@ -84,3 +84,42 @@ class StepProgress(pl.Callback):
             s = self.status(trainer)
             print(f"trained {trainer.global_step - self.first_step} steps in "
                   f"{duration(time.perf_counter() - self.start)} ({s['per_step']:.2f} s/step)", flush=True)  # fmt: skip
+
+
+class CountProgress:
+    """Progress over a count (images encoded, shards built): a bar in a terminal, else a line
+    every `seconds` seconds with done/total, rate and ETA, so a cluster log shows it moving.
+    Shown on rank 0 only.
+
+    Args:
+        desc: What is counted, e.g. `cache: teacher images`.
+        total: The count at the end, if known.
+        unit: The unit's name in the lines.
+        seconds: Between log lines.
+    """
+
+    def __init__(self, desc: str, total: int | None, unit: str, *, seconds: float = 30.0) -> None:
+        self.desc, self.total, self.unit, self.seconds = desc, total, unit, seconds
+        self.done, self.start, self.last = 0, time.perf_counter(), time.perf_counter()
+        shown = is_rank_zero()
+        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not shown) if shown and sys.stderr.isatty() else None
+        self.lines = shown and self.bar is None
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.lines and time.perf_counter() - self.last >= self.seconds:
+            self.last = time.perf_counter()
+            print(self.line(), file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        of = f"/{self.total}" if self.total else ""
+        eta = f", ETA {duration((self.total - self.done) / rate)}" if self.total and rate > 0 else ""
+        return f"{self.desc}: {self.done}{of} {self.unit}s, {rate:.1f} {self.unit}s/s, {duration(elapsed)} elapsed{eta}"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

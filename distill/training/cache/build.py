@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -32,7 +31,6 @@ import torch
 import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm.auto import tqdm
 
 from distill.augment import AugmentSpec
 from distill.config.schema import Config
@@ -52,6 +50,7 @@ from distill.training.cache.fingerprint import (
 )
 from distill.training.cache.shards import build_shards, shard_done
 from distill.training.cache.store import array_record, check_entry, entries
+from distill.training.progress import CountProgress
 
 MERGE_ROWS = 65536
 
@@ -109,13 +108,17 @@ def encode_part(
     keys: dict[str, list[str]] = {o: [] for o in outputs}
     try:
         with torch.no_grad():
-            shown = tqdm(loader, desc="teacher outputs", unit="batch", disable=rank > 0 or not sys.stderr.isatty())
-            for image_keys, images, sample_keys, texts in shown:
+            images_total = dataset.train_size("random")
+            shown = CountProgress(f"cache: models.{name} outputs", images_total // world if images_total else None,
+                                  "image")
+            for image_keys, images, sample_keys, texts in loader:
+                shown.update(len(image_keys))
                 for output in outputs:
                     batch_keys = image_keys if output == "image" else sample_keys
                     rows = encode_rows(model, output, images if output == "image" else texts, batch_keys, name)
                     files[output].write(rows.tobytes())
                     keys[output].extend(batch_keys)
+            shown.close()
     finally:
         for f in files.values():
             f.close()

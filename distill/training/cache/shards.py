@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,7 +40,6 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm.auto import tqdm
 
 from distill.batch import Batch
 from distill.data.base import CaptionDataset
@@ -49,6 +47,7 @@ from distill.data.loading import Collator
 from distill.errors import ConfigError
 from distill.io import atomic_path, write_json
 from distill.models.base import Encoder
+from distill.training.progress import CountProgress
 
 OPEN_SHARDS = 64
 """Shards whose key tables a `ShardCachedNode` keeps open at once."""
@@ -102,7 +101,7 @@ def build_shards(
     loader = DataLoader(ShardStream(dataset, mine, collator, batch_size), batch_size=None,
                         num_workers=min(num_workers, len(mine)))
     pending: dict[str, dict[str, tuple[list[str], list[np.ndarray]]]] = {}
-    shown = tqdm(total=len(mine), desc="cache shards", unit="shard", disable=rank > 0 or not sys.stderr.isatty())
+    shown = CountProgress(f"cache: models.{name} shards of rank {rank}", len(mine), "shard")
     with torch.no_grad():
         for url, chunk in loader:
             held = pending.setdefault(url, {o: ([], []) for o in outputs})
