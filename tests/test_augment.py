@@ -143,3 +143,23 @@ def test_a_changed_setting_or_view_count_is_a_miss_naming_it(tiny_yaml: Path, tm
     assert "data.augment (augmented views in the cache, no augmentation now)" in why()
     with pytest.raises(ConfigError, match=r"^data.augment.views: null draws a fresh view every epoch"):
         fill_cache(load_checked(tiny_yaml, [*cache, "data.augment.enabled=true"]))
+
+
+def test_ranks_encode_their_share_of_the_views_and_merge_to_the_single_process_entry(
+    tiny_yaml: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from distill.training.cache.build import encode_part, merge_parts
+    from distill.training.cache.store import entries
+
+    config = load_checked(tiny_yaml, [*AUGMENT, f"cache.dir={tmp_path / 'cache'}"])
+    fill_cache(config)
+    (single,) = entries(tmp_path / "cache")
+    model = load_frozen(config, "teacher")
+    for rank in range(2):  # what two DDP ranks write before rank 0's merge
+        encode_part(config, model, ["image"], tmp_path / "parts", rank=rank, world=2, batch_size=5)
+    (tmp_path / "merged").mkdir()
+    assert merge_parts(tmp_path / "parts", ["image"], 2, tmp_path / "merged") == {"image": {"rows": 48, "dim": 3 * 24}}
+    assert np.array_equal(np.load(tmp_path / "merged" / "image.keys.npy"), np.load(single / "image.keys.npy"))
+    np.testing.assert_allclose(np.load(tmp_path / "merged" / "image.npy"), np.load(single / "image.npy"), atol=2e-3)
