@@ -163,3 +163,21 @@ def test_ranks_encode_their_share_of_the_views_and_merge_to_the_single_process_e
     assert merge_parts(tmp_path / "parts", ["image"], 2, tmp_path / "merged") == {"image": {"rows": 48, "dim": 3 * 24}}
     assert np.array_equal(np.load(tmp_path / "merged" / "image.keys.npy"), np.load(single / "image.keys.npy"))
     np.testing.assert_allclose(np.load(tmp_path / "merged" / "image.npy"), np.load(single / "image.npy"), atol=2e-3)
+
+
+def test_another_view_count_shares_the_text_rows_instead_of_encoding_them_again(
+    tiny_yaml: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distill.training.cache import build
+    from distill.training.cache.store import check_entry, entries
+
+    cache = [f"cache.dir={tmp_path / 'cache'}"]
+    fill_cache(load_checked(tiny_yaml, [*AUGMENT, *cache]))
+    encoded: list[list[str]] = []
+    real = build.encode_part
+    monkeypatch.setattr(build, "encode_part", lambda c, m, outputs, *a, **k: (encoded.append(outputs), real(c, m, outputs, *a, **k)))
+    fill_cache(load_checked(tiny_yaml, [*AUGMENT, *cache, "data.augment.views=2"]))
+    assert encoded == [["image"]]  # the captions were not encoded again
+    three, two = sorted(entries(tmp_path / "cache").items(), key=lambda e: e[1]["outputs"]["image"]["views"], reverse=True)
+    assert (three[0] / "text.npy").stat().st_ino == (two[0] / "text.npy").stat().st_ino
+    assert two[1]["outputs"]["image"]["views"] == 2 and check_entry(two[0], two[1], ["image", "text"]) == []

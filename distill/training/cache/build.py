@@ -19,6 +19,7 @@ hence another folder, and the old entry never matches again.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections import Counter
@@ -252,10 +253,16 @@ def fill_cache(
             if rank == 0 and set(todo) & set(held):  # rewriting arrays it lists: incomplete until rewritten
                 (folder / "meta.json").unlink(missing_ok=True)
             parts = folder / "parts"
-            encode_part(config, model.to(device), todo, parts, rank=rank, world=world, batch_size=batch_size, name=name)
+            source = text_source(config, fp, folder) if "text" in todo else None
+            encoded = [o for o in todo if not (o == "text" and source is not None)]
+            if encoded:
+                encode_part(config, model.to(device), encoded, parts, rank=rank, world=world, batch_size=batch_size,
+                            name=name)
             barrier()
             if rank == 0:
-                shapes = with_views(merge_parts(parts, todo, world, folder), config, fp)
+                shapes = with_views(merge_parts(parts, encoded, world, folder), config, fp)
+                if source is not None:
+                    shapes["text"] = link_text(source, folder)
                 kept = [o for o in held if o not in todo]
                 arrays = {k: v for o in kept for k, v in meta.get("arrays", {}).items() if k.startswith(f"{o}.")}
                 unsigned = [o for o in kept if f"{o}.npy" not in arrays]  # built by an older distill
@@ -333,3 +340,30 @@ def fill_sharded(
                 "seconds": round(time.perf_counter() - start, 2)}
         write_json(folder / "meta.json", meta, default=str)  # last: the entry is complete
     barrier()
+
+
+def text_source(config: Config, fp: Fingerprint, folder: Path) -> Path | None:
+    """An intact global-layout entry whose text rows this one can share: the same fingerprint
+    but for the augmentation (text rows do not depend on the views), e.g. the entry of
+    another `data.augment.views`; None when there is none."""
+    if not fp.augment and not any(m.get("parts", {}).get("augment") for m in entries(config.cache.dir).values()):
+        return None
+    same = {k: v for k, v in fp.parts().items() if k != "augment"}
+    for other, meta in entries(config.cache.dir).items():
+        parts = {k: v for k, v in meta.get("parts", {}).items() if k != "augment"}
+        if other != folder and parts == same and meta.get("layout", "global") == "global" \
+                and "text" in meta.get("outputs", {}) and not check_entry(other, meta, ["text"]):
+            return other
+    return None
+
+
+def link_text(source: Path, folder: Path) -> dict[str, int]:
+    """Hard-link (or copy, across file systems) `source`'s text arrays into `folder`; their shape."""
+    for name in ("text.npy", "text.keys.npy"):
+        target = folder / name
+        target.unlink(missing_ok=True)
+        try:
+            os.link(source / name, target)
+        except OSError:
+            shutil.copyfile(source / name, target)
+    return dict(json.loads((source / "meta.json").read_text())["outputs"]["text"])
