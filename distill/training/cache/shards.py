@@ -20,11 +20,12 @@ node opens that shard's arrays memory-mapped on first use (keeping the most rece
 `OPEN_SHARDS` open) and finds the row by binary search in the shard's own keys. Memory per
 rank is the open shards' key tables (a 10K-sample shard: about 0.2 MB), not the dataset's.
 
-A DataCompDR-style dataset (teacher embeddings of augmented views stored with the samples)
-maps onto this layout one to one: its per-shard embedding members are our `<output>.npy`
-of that shard, sample keys are the tar members' keys, its view parameters are what
-`distill.augment.draw_view` recomputes from (`data.augment.seed`, key, view index, image
-size), and `data.augment.views` is its number of stored views.
+A DataCompDR-style dataset (teacher embeddings of V augmented views stored with the samples)
+maps onto this layout: its per-shard embeddings are that shard's `image.npy` (one row of V x
+D per image) and `text.npy`, its sample keys the tar members' keys, its V our
+`data.augment.views`. Its stored view parameters would take the place of
+`distill.augment.draw_view`'s, which recomputes them from (`data.augment.seed`, key, view
+index, image size); reading stored parameters is not built (docs/architecture.md).
 """
 
 from __future__ import annotations
