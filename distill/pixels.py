@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from distill.augment import apply_view
 from distill.errors import ConfigError
 
 RESIZE_MODES = ("shortest", "squash", "longest")
@@ -157,8 +158,6 @@ class PixelSpec:
         `RandomResizedCrop` does, aspect ratio not kept), flipped and recoloured. Views
         are computed by PIL whatever the `backend`: they are training inputs, not a
         library's eval transform to match."""
-        from distill.augment import apply_view
-
         return self._normalise(apply_view(image, view, self.out_size, INTERPOLATIONS[self.interpolation]))
 
     def _normalise(self, image: Image.Image) -> np.ndarray:

@@ -48,6 +48,15 @@ from distill.data.loading import Collator
 from distill.errors import ConfigError
 from distill.io import atomic_path, write_json
 from distill.models.base import Encoder
+from distill.training.cache.arrays import (
+    REBUILD,
+    array_files,
+    array_record,
+    file_sha256,
+    finite_rows,
+    select_views,
+)
+from distill.training.cache.encode import encode_rows, encoder_inputs
 from distill.training.progress import CountProgress
 
 OPEN_SHARDS = 64
@@ -78,8 +87,6 @@ class ShardStream(IterableDataset):
         self.dataset, self.urls, self.collator, self.batch_size = dataset, urls, collator, batch_size
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
-        from distill.training.cache.build import encoder_inputs
-
         info = get_worker_info()
         for url in self.urls[info.id :: info.num_workers] if info else self.urls:
             for chunk in encoder_inputs(self.dataset.shard_images(url, Counter()), self.collator, self.batch_size):
@@ -97,8 +104,6 @@ def build_shards(
     mine = [u for u in urls[rank::world] if force or shard_done(folder, u) is None]
     if not mine:
         return []
-    from distill.training.cache.build import encode_rows
-
     loader = DataLoader(ShardStream(dataset, mine, collator, batch_size), batch_size=None,
                         num_workers=min(num_workers, len(mine)))
     pending: dict[str, dict[str, tuple[list[str], list[np.ndarray]]]] = {}
@@ -121,8 +126,6 @@ def build_shards(
 
 def write_shard(where: Path, url: str, held: dict[str, tuple[list[str], list[np.ndarray]]]) -> None:
     """One shard's sorted arrays, then its `done.json` (sizes, sha256): complete or absent."""
-    from distill.training.cache.store import array_files, array_record
-
     where.mkdir(parents=True, exist_ok=True)
     shapes = {}
     for output, (keys, parts) in held.items():
@@ -158,8 +161,6 @@ class ShardCachedNode:
         if url in self._open:
             self._open.move_to_end(url)
             return self._open[url]
-        from distill.training.cache.store import REBUILD, array_files
-
         where = self.folder / "shards" / shard_dir(url)
         rows_name, keys_name = array_files(self.output)
         try:
@@ -181,8 +182,6 @@ class ShardCachedNode:
             ConfigError: If a key does not know its shard (data that is not sharded), is not
                 in its shard's cache, or a row read is not finite.
         """
-        from distill.training.cache.store import REBUILD, finite_rows, select_views
-
         keys = batch.keys
         wanted = [k.rsplit("/", 1)[0] for k in keys] if self.output == "image" else list(keys)
         out: np.ndarray | None = None
@@ -215,8 +214,6 @@ def shard_problems(folder: Path, meta: dict[str, Any], outputs: list[str], *, ha
     """Problems of a per-shard entry, one line each naming the file: a shard without `done.json`
     or without an output, a file whose size differs from its `done.json` record (one stat per
     file), and with `hashes` (`distill cache --verify`) a sha256 that differs."""
-    from distill.training.cache.store import array_files, file_sha256
-
     problems = []
     for url in meta.get("shards", []):
         where = folder / "shards" / shard_dir(url)
