@@ -174,8 +174,9 @@ def shrink(config: Path, data_root: Path, out: Path, towers: Path, steps: int = 
         if model["type"] in ("towers", "hf_clip"):
             overrides.append(f"models.{name}.type=towers")
             overrides.append(f"models.{name}.args={{path: '{towers}'}}")
-        elif model["type"] == "dual_encoder":
-            overrides += [f"models.{name}.args.image_model=test_resnet", f"models.{name}.args.image_size=32"]
+        elif model["type"] == "dual_encoder":  # max_length: the tiny towers', so token-level edges align
+            overrides += [f"models.{name}.args.image_model=test_resnet", f"models.{name}.args.image_size=32",
+                          f"models.{name}.args.max_length=32"]
             overrides += [f"models.{name}.args.text_config.{k}={v}" for k, v in TINY_TEXT.items()]
         elif model["type"] == "hf_text":  # tiny folders next to the towers one, made on first use
             overrides.append(f"models.{name}.args.path='{_once(towers.parent / 'hf_text', save_tiny_text)}'")

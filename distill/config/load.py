@@ -9,6 +9,7 @@ Loading never runs the semantic checks against the registries: the command decid
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,10 @@ def read_yaml(path: Path, where: str) -> DictConfig:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         what = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        lines = path.read_text(errors="replace").splitlines()
+        line = lines[mark.line] if mark is not None and mark.line < len(lines) else ""
+        if re.search(r"\[[^\]]*\w\[-?\d+\]", line):  # `[a.text.hidden[2], ...]`: brackets in a flow list
+            what += "; a layer node such as student.text.hidden[2] inside a [...] list must be quoted, or listed one per line"
         raise ConfigError(f"{path}: not valid YAML{at}: {what}") from e
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping")

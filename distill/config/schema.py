@@ -36,6 +36,11 @@ class EdgeConfig:
     A loss's fixed temperatures in `args` may be schedules too (the loss's `schedulable`)."""
     enabled: bool = True
     args: dict[str, Any] = field(default_factory=dict)
+    layers: Any = None
+    """A layer map, for an edge whose inputs are layer nodes without an index
+    (`student.text.hidden`): `uniform` (each of the first input's M layers reads one of the
+    second's N, layer i <- (i + 1) N / M - 1, TinyBERT's mapping) or a list of index lists,
+    one index per input (`[[0, 2], [1, 5]]`). Expanded and checked by `distill.core.nodes`."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ from torch import Tensor
 from distill.config.schema import Config
 from distill.core.check import load_plugins, model_nodes
 from distill.core.graph import Edge, KnowledgeGraph, split_node
+from distill.core.nodes import bind_inputs, layer_catalogue
 from distill.core.schedule import is_schedule, split_scheduled, weight_schedule
 from distill.errors import ConfigError
 from distill.models.base import Encoder
@@ -50,6 +51,7 @@ def build_graph(
     """
     problems = load_plugins(list(config.plugins))
     nodes = model_nodes(config, problems)
+    catalogue = layer_catalogue(config, problems)
     if problems:
         raise ConfigError(problems)
     cached = dict(cached or {})
@@ -61,11 +63,15 @@ def build_graph(
         loss = cls(**args)
         slots = cls.slots(len(spec.inputs)) or cls.inputs
         loss.bind(slots)
-        loss.setup({slot: nodes[n] for slot, n in zip(slots, spec.inputs)})
+        binding = bind_inputs(f"edges.{name}", spec, cls, slots, nodes, config, catalogue, set(), problems)
+        if binding is None:
+            raise ConfigError(problems)
+        loss.setup(binding.setup_dims())
         weight = weight_schedule(spec.weight, f"edges.{name}.weight")
         if is_schedule(spec.weight):
             schedules = {"weight": weight, **schedules}
-        edges.append(Edge(name, loss, list(spec.inputs), weight(0), spec.enabled, schedules))
+        pairs = binding.pairs if binding.mapped else []
+        edges.append(Edge(name, loss, list(spec.inputs), weight(0), spec.enabled, schedules, pairs))
     frozen = [n for n in models if config.models[n].frozen]
     graph = KnowledgeGraph(models, edges, frozen, cached)
     graph.local_loss = config.trainer.local_loss

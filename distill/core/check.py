@@ -20,6 +20,7 @@ from distill.augment import AugmentSpec
 from distill.config.load import read_config
 from distill.config.schema import Config
 from distill.config.signature import check_kwargs
+from distill.core.nodes import Catalogue, bind_inputs, layer_catalogue, reads_layers
 from distill.core.schedule import schedule_problems, split_scheduled, weight_schedule
 from distill.data.base import open_dataset
 from distill.errors import ConfigError
@@ -132,7 +133,8 @@ def model_nodes(config: Config, problems: list[str]) -> dict[str, int]:
 
 
 def _check_edge(
-    name: str, edge: Any, nodes: dict[str, int], frozen: set[str], broken: set[str], problems: list[str]
+    name: str, edge: Any, nodes: dict[str, int], frozen: set[str], broken: set[str], problems: list[str],
+    config: Config, catalogue: Catalogue,
 ) -> None:
     path = f"edges.{name}"
     registered = edge.loss in LOSSES  # an unknown name is reported once, by _registered
@@ -145,25 +147,8 @@ def _check_edge(
     if slots is None:
         problems.append(f"{path}.inputs: loss {edge.loss!r} takes {cls.takes()}, got {len(edge.inputs)}")
         return
-    known = True
-    for i, node in enumerate(edge.inputs):
-        if node not in nodes:
-            known = False
-            if node.split(".")[0] in broken:
-                continue  # the model's own problem is already reported
-            close = difflib.get_close_matches(node, list(nodes), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            problems.append(
-                f"{path}.inputs[{i}]: unknown node {node!r}; {hint}nodes: {', '.join(sorted(nodes))}"
-            )
-    if not known or not args_ok:
-        return
-    for i, (slot, node) in enumerate(zip(slots, edge.inputs)):
-        if (slot == "pair") != node.endswith(".pair"):  # a fused model's pair scorer is no embedding
-            want = "a fused model's pair node (<model>.pair)" if slot == "pair" else "an embedding node, not a pair scorer"
-            problems.append(f"{path}.inputs[{i}]: slot {slot!r} of loss {edge.loss!r} takes {want}; got {node!r}")
-            known = False
-    if not known:
+    binding = bind_inputs(path, edge, cls, slots, nodes, config, catalogue, broken, problems)  # names, layers
+    if binding is None or not args_ok:
         return
     try:
         loss = cls(**args)
@@ -175,11 +160,15 @@ def _check_edge(
         problems.append(f"{path}.args: {e}")
         return
     problems += schedule_problems(loss, schedules, f"{path}.args")
-    dims = {slot: nodes[node] for slot, node in zip(slots, edge.inputs)}
-    dim_problem = loss.dim_problem(dims)
-    if dim_problem:
-        shown = ", ".join(f"{n} ({nodes[n]})" for n in dict.fromkeys(edge.inputs))
-        problems.append(f"{path}.inputs: {dim_problem}: {shown}")
+    for k, (dims, reads, names) in enumerate(zip(binding.widths, binding.reads, binding.pairs)):
+        where = f"{path}.layers[{k}]" if binding.mapped else f"{path}.inputs"
+        dim_problem = loss.dim_problem(dims)
+        if dim_problem:
+            shown = ", ".join(f"{n} ({d})" for n, d in dict(zip(names, dims.values())).items())
+            problems.append(f"{where}: {dim_problem}: {shown}")
+        layer_problem = loss.layer_problem(reads) if reads else None
+        if layer_problem:
+            problems.append(f"{where}: loss {edge.loss!r} cannot compare these nodes: {layer_problem}")
     if edge.enabled and all(node.split(".")[0] in frozen for node in edge.inputs):
         problems.append(
             f"{path}: no trainable endpoint ({', '.join(dict.fromkeys(edge.inputs))} are frozen)"
@@ -356,9 +345,10 @@ def check(config: Config, *, data: bool = False) -> list[str]:
     if not config.models:
         problems.append("models: no model defined")
     broken = {name for name in config.models if not any(n.startswith(f"{name}.") for n in nodes)}
+    catalogue = layer_catalogue(config, problems)
     for name, edge in config.edges.items():
         _check_weight(name, edge.weight, problems)
-        _check_edge(name, edge, nodes, frozen, broken, problems)
+        _check_edge(name, edge, nodes, frozen, broken, problems, config, catalogue)
     enabled = [n for n, e in config.edges.items() if e.enabled]
     if not enabled:
         problems.append("edges: no enabled edge; enable at least one (edges.<name>.enabled=true)")
@@ -397,6 +387,10 @@ def check(config: Config, *, data: bool = False) -> list[str]:
         problems += stage_problems(config)
     if data and not any(p.startswith(("data.dataset", "data.args")) for p in problems):
         problems += data_problems(config)
+    layered = [e for e in enabled if reads_layers(config.edges[e])]
+    if exact_accumulation(config) > 1 and layered:
+        problems.append(f"trainer.accumulate_grad_batches: edge {layered[0]} reads layer nodes, which exact "
+                        "accumulation (GradCache) cannot cache per micro-batch; raise data.batch_size or add devices")
     if exact_accumulation(config) > 1:
         pair = [n for e in enabled if e in config.edges for n in config.edges[e].inputs
                 if n.endswith(".pair") and n.split(".", 1)[0] in config.models

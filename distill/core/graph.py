@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +17,7 @@ from distill.core.schedule import Schedule
 from distill.distributed import batch_sizes, gather, rank, sum_over_ranks, world_size
 from distill.losses.base import EdgeContext, EdgeLoss
 from distill.models.base import Encoder
+from distill.models.intermediate import Tokens, parse_node
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -32,10 +34,18 @@ class Edge:
     schedules: dict[str, Schedule] = field(default_factory=dict)
     """`weight` and scheduled loss arguments -> their schedule; `KnowledgeGraph.set_step`
     sets `weight` and the loss's arguments to their values at a training step."""
+    pairs: list[list[str]] = field(default_factory=list)
+    """With a layer map (`layers:`), the concrete layer nodes of each pair in slot order; the
+    loss then receives one list per slot, an entry per pair. Empty: `inputs` are the nodes."""
+
+    def nodes(self) -> list[str]:
+        """The nodes this edge reads (a layer map's pairs, expanded)."""
+        return [n for p in self.pairs for n in p] if self.pairs else list(self.inputs)
 
 
 def split_node(node: str) -> tuple[str, str]:
-    """`"teacher.image"` -> `("teacher", "image")`."""
+    """`"teacher.image"` -> `("teacher", "image")`; a layer node keeps its path
+    (`"teacher.text.hidden[2]"` -> `("teacher", "text.hidden[2]")`)."""
     model, _, output = node.partition(".")
     return model, output
 
@@ -109,7 +119,7 @@ class KnowledgeGraph(nn.Module):
 
     def needed_nodes(self) -> list[str]:
         """Nodes read by enabled edges, in first-use order."""
-        return list(dict.fromkeys(n for e in self.enabled_edges() for n in e.inputs))
+        return list(dict.fromkeys(n for e in self.enabled_edges() for n in e.nodes()))
 
     def needed_models(self) -> list[str]:
         """Models that run in a training step (a model whose needed nodes are all cached does not)."""
@@ -128,21 +138,41 @@ class KnowledgeGraph(nn.Module):
             if name in self.frozen and p != "fp32":
                 self.models[name].to(DTYPES[p])
 
-    def encode(self, node: str, batch: Batch) -> Tensor:
+    def encode(self, node: str, batch: Batch) -> Any:
         """Compute one node's output for a batch (teachers under no_grad), or read it from the cache."""
-        if node in self.cached:
-            return self.cached[node](batch).to(batch.image_ids.device)
-        model_name, output = split_node(node)
-        model = self.models[model_name]
-        inputs = batch.inputs[model_name]
-        frozen = model_name in self.frozen
-        if frozen:
-            dtype = next(model.parameters(), torch.empty(0)).dtype
-            inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
-        with torch.no_grad() if frozen else nullcontext():
-            out = model.encode(output, inputs)
-        # a pair output (a cross-encoder's scorer over candidate pairs) is not a tensor
-        return out.float() if frozen and isinstance(out, Tensor) else out
+        return self.encode_nodes([node], batch)[node]
+
+    def encode_nodes(self, nodes: Iterable[str], batch: Batch) -> dict[str, Any]:
+        """Node -> output for a batch: cached nodes are read; the layer nodes of one model
+        output come from the same forward pass as that output (`Encoder.encode_layers`, hooks
+        on those layers only); a model output no layer node reads runs as `encode` alone."""
+        out: dict[str, Any] = {}
+        groups: dict[tuple[str, str], list[str]] = {}
+        for node in nodes:
+            if node in self.cached:
+                out[node] = self.cached[node](batch).to(batch.image_ids.device)
+                continue
+            layer = parse_node(node)
+            groups.setdefault((layer.model, layer.output) if layer else split_node(node), []).append(node)
+        for (model_name, output), group in groups.items():
+            model = self.models[model_name]
+            inputs = batch.inputs[model_name]
+            frozen = model_name in self.frozen
+            if frozen:
+                dtype = next(model.parameters(), torch.empty(0)).dtype
+                inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+            layers = {n: ln for n in group if (ln := parse_node(n)) is not None}
+            with torch.no_grad() if frozen else nullcontext():
+                if not layers:
+                    got = {group[0]: model.encode(output, inputs)}
+                else:
+                    final, states = model.encode_layers(output, inputs, [(ln.kind, ln.index) for ln in layers.values()])
+                    got = {n: states[(ln.kind, ln.index)] for n, ln in layers.items()}
+                    got[f"{model_name}.{output}"] = final
+            for n in group:  # a pair output (a cross-encoder's scorer over candidate pairs) is not a tensor
+                value = got[n]
+                out[n] = value.float() if frozen and isinstance(value, Tensor | Tokens) else value
+        return out
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         """Total loss under `"loss"` and each enabled edge's unweighted value under `"edge/<name>"`.
@@ -155,7 +185,7 @@ class KnowledgeGraph(nn.Module):
         on W x L_r (DDP divides by W again) but reads the global value sum_r L_r (one scalar
         all-reduce per such edge), as do `edge/<name>`, so logs read alike in both modes.
         """
-        return self.losses_from({node: self.encode(node, batch) for node in self.needed_nodes()}, batch)
+        return self.losses_from(self.encode_nodes(self.needed_nodes(), batch), batch)
 
     def losses_from(self, local: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         """`forward` from node outputs already encoded for `batch` (`distill.training.gradcache`
@@ -189,6 +219,9 @@ class KnowledgeGraph(nn.Module):
             elif edge.loss.global_batch:
                 value = edge.loss(*[global_node(n) for n in edge.inputs], ctx=global_ctx)
                 contribution = value
+            elif edge.pairs:  # a layer map: one list per slot, an entry per pair
+                value = edge.loss(*[[local[p[i]] for p in edge.pairs] for i in range(len(edge.inputs))], ctx=local_ctx)
+                contribution = value * local_scale
             else:
                 value = edge.loss(*[local[n] for n in edge.inputs], ctx=local_ctx)
                 contribution = value * local_scale

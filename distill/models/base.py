@@ -8,6 +8,7 @@ loading weights, so that the config check can compare edge endpoints early.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.batch import ModelInputs
+from distill.models.intermediate import LayerSpec, LayerStack, Tokens, Unavailable, record
 from distill.pixels import PixelSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -100,6 +102,33 @@ class Encoder(nn.Module):
         if output == "text":
             return self.encode_text(inputs["input_ids"], inputs["attention_mask"])
         raise KeyError(f"{type(self).__name__} has no output {output!r}")
+
+    @classmethod
+    def layer_outputs(cls, **args: Any) -> dict[str, dict[str, LayerSpec]]:
+        """Output -> layer kind (`hidden`, `tokens`, `attention`, `values`) -> `LayerSpec`,
+        computed from the arguments without loading weights (a meta-device probe of the
+        architecture, `distill.models.intermediate.probe`). {} for a model that is no stack of
+        layers: it has no layer nodes.
+
+        Raises:
+            ConfigError: The architecture cannot be built from the arguments.
+        """
+        return {}
+
+    def layer_stack(self, output: str) -> LayerStack:
+        """The stack of layers behind `output`, whose taps read its layer nodes."""
+        raise Unavailable(f"{type(self).__name__} has no layer outputs")
+
+    def encode_layers(
+        self, output: str, inputs: ModelInputs, wanted: Sequence[tuple[str, int]]
+    ) -> tuple[Tensor, dict[tuple[str, int], Tokens]]:
+        """`encode(output, inputs)` and, from the same forward pass, the layer nodes `wanted`
+        as (kind, layer index) pairs: hooks on those layers only, removed afterwards."""
+        stack = self.layer_stack(output)
+        taps = {w: stack.tap(*w) for w in dict.fromkeys(wanted)}
+        with record(taps) as got:
+            final = self.encode(output, inputs)
+        return final, {w: stack.tokens(w[0], got[w], inputs, taps[w].heads) for w in taps}
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, dim) L2-normalised."""

