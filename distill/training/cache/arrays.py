@@ -80,3 +80,17 @@ def select_views(rows: Tensor, views: int | None, batch: Batch | list[str], fold
                           "unaugmented images; set data.augment.enabled=true or use another cache")
     v = batch.views.cpu() % views
     return rows.view(len(rows), views, -1)[torch.arange(len(rows)), v]
+
+
+def find_keys(stored: np.ndarray, wanted: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(row index, found) of each wanted key in the sorted fixed-width key table `stored`.
+
+    A key longer than the table's width cannot be in it and is not searched: comparing it
+    would make numpy widen (copy) the whole memory-mapped table first."""
+    query = np.array([k.encode() for k in wanted])
+    if not len(stored):
+        return np.zeros(len(wanted), dtype=np.int64), np.zeros(len(wanted), dtype=bool)
+    fits = np.array([len(k) <= stored.dtype.itemsize for k in query], dtype=bool)
+    query = query.astype(stored.dtype)  # the keys that do not fit are truncated, then refused below
+    idx = np.searchsorted(stored, query).clip(0, len(stored) - 1)
+    return idx, fits & (stored[idx] == query)

@@ -3,10 +3,11 @@ behind `distill cache`, per-rank parts, then one merge.
 
 Each rank streams its share of the training images (split by rank, then by loader worker,
 as in training), encodes every image once and every caption, and appends fp16 rows to
-`parts/<output>.rank<r>.f16` with the keys in `parts/<output>.rank<r>.json`; a non-finite
+`parts/<output>.rank<r>.f16` with the keys in `parts/<output>.rank<r>.keys.npy`; a non-finite
 row (an fp16 overflow, a broken teacher) is refused, so any NaN read later is damage. Rank
 0 then sorts all keys and writes `<output>.npy` / `<output>.keys.npy` in that order,
-gathering rows chunk by chunk so the merge never holds the whole cache in memory, and
+gathering rows chunk by chunk from the memory-mapped parts, so the merge holds the key
+table (fixed-width bytes, about 11 bytes per sample) but never the rows, and
 records each file's size and sha256 in `meta.json` (one more read of the files just
 written, from the page cache: about 1 s per GB).
 
@@ -63,12 +64,14 @@ def merge_parts(parts: Path, outputs: list[str], world: int, folder: Path) -> di
     """
     shapes = {}
     for output in outputs:
-        names = [json.loads((parts / f"{output}.rank{r}.json").read_text()) for r in range(world)]
-        raw = [np.fromfile(parts / f"{output}.rank{r}.f16", dtype=np.float16) for r in range(world)]
+        names = [np.load(parts / f"{output}.rank{r}.keys.npy") for r in range(world)]
+        raw = [np.memmap(f, dtype=np.float16, mode="r") if (f := parts / f"{output}.rank{r}.f16").stat().st_size
+               else np.zeros(0, dtype=np.float16) for r in range(world)]  # mapped: rows are gathered chunk by chunk
         n = sum(len(k) for k in names)
         dim = next((len(v) // len(k) for k, v in zip(names, raw) if len(k)), 0)
         rows = [v.reshape(len(k), dim) for k, v in zip(names, raw)]
-        keys = np.array([k.encode() for ks in names for k in ks])
+        width = max([k.dtype.itemsize for k in names if len(k)] or [1])
+        keys = np.concatenate([k.astype(f"S{width}") for k in names])  # fixed-width bytes: no Python strings
         order = np.argsort(keys, kind="stable")
         keys = keys[order]
         if n > 1 and (keys[1:] == keys[:-1]).any():

@@ -19,7 +19,6 @@ from distill.config.schema import Config
 from distill.data.base import CaptionDataset, Part, open_dataset
 from distill.data.loading import Collator
 from distill.errors import ConfigError
-from distill.io import write_json
 from distill.models.base import Encoder
 from distill.training.progress import CountProgress
 
@@ -90,7 +89,8 @@ def encode_part(
         for f in files.values():
             f.close()
     for output in outputs:
-        write_json(parts / f"{output}.rank{rank}.json", keys[output])
+        np.save(parts / f"{output}.rank{rank}.keys.npy", np.array([k.encode() for k in keys[output]], dtype="S")
+                if keys[output] else np.array([], dtype="S1"))
 
 def encode_rows(model: Encoder, output: str, inputs: dict[str, dict[str, torch.Tensor]], keys: list[str],
                 name: str) -> np.ndarray:

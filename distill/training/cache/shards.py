@@ -53,6 +53,7 @@ from distill.training.cache.arrays import (
     array_files,
     array_record,
     file_sha256,
+    find_keys,
     finite_rows,
     select_views,
 )
@@ -194,11 +195,9 @@ class ShardCachedNode:
             by_shard.setdefault(shard, []).append(i)
         for shard, rows_of in by_shard.items():
             stored, rows = self._shard(shard)
-            query = np.array([wanted[i].encode() for i in rows_of])
-            idx = np.searchsorted(stored, query).clip(0, max(len(stored) - 1, 0))
-            found = stored[idx] == query if len(stored) else np.zeros(len(query), dtype=bool)
+            idx, found = find_keys(stored, [wanted[i] for i in rows_of])
             if not found.all():
-                missing = query[~found][0].decode()
+                missing = wanted[rows_of[int(np.flatnonzero(~found)[0])]]
                 raise ConfigError(f"{self.folder}: key {missing!r} of {self.node} is not in the cache of shard "
                                   f"{shard}: the shard changed without changing its size or mtime; {REBUILD}")
             part = np.asarray(rows[idx], dtype=np.float32)

@@ -79,6 +79,7 @@ from distill.training.cache.arrays import (
     REBUILD,
     array_files,
     file_sha256,
+    find_keys,
     finite_rows,
     npy_header,
     select_views,
@@ -225,9 +226,7 @@ class CachedNode:
         """(len(keys), width) float32 stored rows of these sample keys (every view)."""
         stored, rows = self._open()
         wanted = [k.rsplit("/", 1)[0] for k in keys] if self.output == "image" else keys
-        query = np.array([k.encode() for k in wanted])
-        idx = np.searchsorted(stored, query).clip(0, max(len(stored) - 1, 0))
-        found = stored[idx] == query if len(stored) else np.zeros(len(wanted), dtype=bool)
+        idx, found = find_keys(stored, wanted)
         if not found.all():
             missing = [k for k, ok in zip(wanted, found) if not ok]
             raise ConfigError(
