@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from distill.commands._args import EMBEDDER, target_arguments
+from distill.deploy.index_kinds import AUTO_ANN, AUTO_EXACT_MAX, KINDS
 from distill.deploy.search import build_search_index, torch_threads
 from distill.negatives.mine import mine_negatives
 from distill.negatives.store import save_negatives
@@ -28,9 +29,18 @@ def add_arguments(group: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help=f"the embedder: {EMBEDDER}")
     p.add_argument("--output", required=True, help="index file to write")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage of the embeddings")
+    p.add_argument("--kind", choices=("auto", *KINDS), default="auto",
+                   help=f"how queries search: exact (every row) or approximate through FAISS (ivf_flat, ivf_pq, hnsw); "
+                        f"auto: exact up to {AUTO_EXACT_MAX:,} images (of 128 dimensions), {AUTO_ANN} above")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="a parameter of an approximate kind (repeat): ivf_flat nlist, train_size, nprobe; ivf_pq also m, "
+                        "nbits, rerank; hnsw M, ef_construction, ef_search. The others are chosen from the index size")
+    p.add_argument("--dtype", choices=("float32", "float16", "int8"), default="float32",
+                   help="storage of the embeddings: float32, float16 or int8 (a scale and offset per dimension); an "
+                        "exact index searches them as stored")
     p.add_argument("--thumb-size", type=int, default=128, help="side of the JPEG thumbnails stored for display; 0: none")
-    p.add_argument("--faiss", action="store_true", help="search this index with FAISS (IndexFlatIP) by default")
+    p.add_argument("--faiss", action="store_true", help="search this exact index with FAISS by default (IndexFlatIP; for float16 and int8 its one-pass "
+                        "scalar-quantizer scans, faster on a busy machine)")
     p.add_argument("--data-arg", action="append", metavar="KEY=VALUE", help="argument of a DATASET:SPLIT source (repeat)")
     p.add_argument("--device", default="cpu", help="where to run a checkpoint's model")
     p.add_argument("--threads", type=int, default=0, help="CPU threads of the image encoder (0: library defaults)")
@@ -59,10 +69,14 @@ def run_build(args: argparse.Namespace) -> int:
         index, skipped = build_search_index(
             args.sources, model=args.model, output=args.output, batch_size=args.batch_size, dtype=args.dtype,
             thumb_size=args.thumb_size, faiss=args.faiss, device=args.device, data_args=args.data_arg,
-            threads=args.threads or None,
+            threads=args.threads or None, kind=args.kind, params=args.param,
         )  # fmt: skip
     n, d = index["embeddings"].shape
+    search = index["search"]
     print(f"wrote {args.output}: {n} images x {d} ({args.dtype}), {index['embedder']}")
+    params = " ".join(f"{k}={v}" for k, v in search["params"].items())
+    built = f", built in {search['build_s']:.1f} s" if search["kind"] != "exact" else ""
+    print(f"index kind: {search['kind']} {params or search['dtype']}{built} ({search['choice']})")
     if skipped.counts:
         print(f"skipped {skipped.summary()}")
     return 0

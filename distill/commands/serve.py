@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from distill.commands._args import query_arguments
+from distill.commands.search import query_parameters
 from distill.deploy.search import open_search, torch_threads
 from distill.deploy.serve import MAX_QUERY, TIMEOUT, WORKERS, check_options, serve
 
@@ -26,13 +27,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=TIMEOUT,
                    help=f"seconds a client has to send its request, and may stay silent (default {TIMEOUT:g})")
     query_arguments(p, "queries")
+    query_parameters(p)
     p.set_defaults(fn=run)
 
 
 def run(args: argparse.Namespace) -> int:
     check_options(args.workers, args.timeout, args.allowed_hosts)  # before the slow part: loading the model
     with torch_threads(args.threads):
-        index, embedder = open_search(args.index, model=args.model, faiss=args.faiss, device=args.device, threads=args.threads)
+        index, embedder = open_search(args.index, model=args.model, faiss=args.faiss, device=args.device, threads=args.threads,
+                                      nprobe=args.nprobe, ef_search=args.ef_search, rerank=args.rerank)  # fmt: skip
         if args.model is None:  # the index names the model that answers: say which one runs
             print(f"queries encoded by {index.model} (recorded in the index)", file=sys.stderr)
         serve(index, embedder, host=args.host, port=args.port, allowed_hosts=args.allowed_hosts,

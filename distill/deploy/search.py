@@ -1,7 +1,7 @@
 """`distill index build` and `distill search`: build an index, answer a text query, draw the top images.
 
-    distill index build photos/ --model export/ --output photos.idx
-    distill search photos.idx "a red circle left of a blue square" -k 10 --sheet top.png
+    distill index build photos/ --model export/ --output photos.idx [--kind hnsw --param M=32]
+    distill search photos.idx "a red circle left of a blue square" -k 10 --sheet top.png [--ef-search 128]
 
 A query is encoded by the embedder that built the index (its path is recorded in the index)
 unless `--model` names another one of the same embedding dimension.
@@ -21,8 +21,10 @@ import torch
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
+from distill.deploy import index_kinds
 from distill.deploy.embedders import Embedder, load_embedder, resolve_spec
-from distill.deploy.search_index import SearchIndex, index_images, require_faiss, save_search_index
+from distill.deploy.index_ann import require_faiss
+from distill.deploy.search_index import SearchIndex, index_images, save_search_index
 from distill.deploy.sources import DatasetSource, Skipped, parse_source
 from distill.errors import ConfigError
 
@@ -38,20 +40,36 @@ def parse_data_args(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def parse_params(pairs: list[str] | None) -> dict[str, int]:
+    """`["nlist=4096", "M=32"]` -> {"nlist": 4096, "M": 32}: the `--param` values of an index kind."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param: expected KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise ConfigError(f"--param {key}: must be an integer, got {value!r}") from None
+    return out
+
+
 def build_search_index(
     sources: list[str], *, model: str, output: str, batch_size: int = 64, dtype: str = "float32",
     thumb_size: int = 128, faiss: bool = False, device: str = "cpu", data_args: list[str] | None = None,
-    threads: int | None = None, progress: bool = True,
+    threads: int | None = None, kind: str = "auto", params: list[str] | None = None, progress: bool = True,
 ) -> tuple[dict[str, Any], Skipped]:
-    """`distill index build`: check every argument, embed, save atomically to `output`.
+    """`distill index build`: check every argument, embed, index as `kind`, save atomically to `output`.
 
     Raises:
-        ConfigError: One line per bad source, a bad model path, or a missing faiss.
+        ConfigError: One line per bad source, option or parameter, a bad model path, or a missing faiss.
     """
     if faiss:
         require_faiss()
+    given = parse_params(params)
     args = parse_data_args(data_args)
-    parsed, problems = [], []
+    problems = index_kinds.check_kind(kind, dtype, given, faiss=faiss)
+    parsed = []
     for source in sources:
         try:
             parsed.append(parse_source(source, args))
@@ -66,24 +84,30 @@ def build_search_index(
     embedder = load_embedder(model, device=device, threads=threads)
     index, skipped = index_images(
         parsed, embedder, model=resolve_spec(model), names=sources, batch_size=batch_size,
-        dtype=dtype, thumb_size=thumb_size, backend="faiss" if faiss else "exact", progress=progress,
+        dtype=dtype, thumb_size=thumb_size, backend="faiss" if faiss else "exact", kind=kind, params=given,
+        progress=progress,
     )  # fmt: skip
     save_search_index(index, output)
     return index, skipped
 
 
 def open_search(
-    index_path: str, *, model: str | None = None, faiss: bool = False, device: str = "cpu", threads: int | None = 1
+    index_path: str, *, model: str | None = None, faiss: bool = False, device: str = "cpu", threads: int | None = 1,
+    nprobe: int | None = None, ef_search: int | None = None, rerank: int | None = None,
 ) -> tuple[SearchIndex, Embedder]:
     """Load an index and the embedder of its queries (the recorded one unless `model` is given).
 
-    `threads` sets an export's runtime threads (None: its default); for a checkpoint, wrap
-    the queries in `torch_threads`.
+    `threads` sets an export's runtime threads and FAISS's (None: their defaults); for a
+    checkpoint, wrap the queries in `torch_threads`. `nprobe`, `ef_search` and `rerank`
+    override the approximate index's recorded query parameters.
 
     Raises:
-        ConfigError: A missing or foreign index, a missing model, or a model of another dimension.
+        ConfigError: A missing or foreign index, a query parameter its kind does not take,
+            a missing faiss, a missing model, or a model of another dimension.
     """
-    index = SearchIndex.open(index_path, backend="faiss" if faiss else None)
+    index = SearchIndex.open(index_path, backend="faiss" if faiss else None, nprobe=nprobe, ef_search=ef_search, rerank=rerank)
+    if index.backend == "faiss" and threads:
+        require_faiss().omp_set_num_threads(threads)  # process-wide: queries are one at a time anyway
     if model is None:
         try:
             embedder = load_embedder(index.model, device=device, what="INDEX", threads=threads)
@@ -202,6 +226,6 @@ def format_results(index: SearchIndex, results: Results) -> str:
         lines.append(f"{row['rank']:>4}  {row['score']:7.4f}  {row['id']}{caption}")
     lines.append(
         f"latency: {results.encode_ms:.2f} ms tokenize+encode, {results.search_ms:.2f} ms search "
-        f"({index.backend}, {len(index)} items), {results.total_ms:.2f} ms total"
+        f"({index.describe()}, {len(index)} items), {results.total_ms:.2f} ms total"
     )
     return "\n".join(lines)

@@ -3,31 +3,37 @@
 `distill index build SOURCE --model EMBEDDER --output FILE` writes one `torch.save` file of
 plain containers and tensors (loadable with `weights_only=True`, memory-mapped):
 
-    version        1
+    version        2 (1: before index kinds; read as an exact index of its dtype)
     kind           "distill-search-index"
     model          the embedder's path (absolute; `path.ckpt:model` for a checkpoint):
                    `distill search` and `distill serve` encode queries with it
     embedder       its one-line description
     embed_dim      D
-    backend        "exact" (torch) or "faiss" (IndexFlatIP), the default for search and serve
+    backend        "exact" (torch) or "faiss": the default for an exact index ("faiss" for the others)
     sources        the SOURCE arguments
-    embeddings     (N, D) float32 or float16, L2-normalised rows
+    embeddings     (N, D) float32, float16 or int8 codes of the L2-normalised rows
+    quant          (2, D) float32: int8 row i is embeddings[i] * quant[0] + quant[1] (empty otherwise)
+    search         {"kind": exact | ivf_flat | ivf_pq | hnsw, "dtype", "params": build and
+                   query parameters, "build_s": seconds to train and fill the FAISS index,
+                   "choice": why this kind}
+    faiss          (B,) uint8: the serialised FAISS index of an approximate kind (B = 0 for exact)
     ids            N ids (relative path or sample key)
     locations      N places to read each image back (path, `<shard>#<member>` or ``)
     captions       N captions stored with the images (`` for a plain folder)
+                   (these three as lists in memory; in the file {"utf8": uint8, "offsets": (N + 1,)
+                   int64}: unpickling a million strings with `weights_only` takes 15 s, this 0.2 s)
     thumbs         (T,) uint8: the JPEG thumbnails, concatenated (T = 0 without thumbnails)
     thumb_offsets  (N + 1,) int64: thumbnail i is thumbs[offsets[i]:offsets[i + 1]]
     skipped        reason -> images that could not be read
 
-Search is exact: one matrix-vector product over a contiguous float32 copy of the
-embeddings and a top-k (`torch.mv` + `torch.topk`), or FAISS's exact inner-product index
-when asked for and installed.
+The kinds and how each is searched: `distill.deploy.index_kinds`. An approximate index
+keeps the embeddings too (memory-mapped, read only to re-rank IVF-PQ candidates), so it can
+be rebuilt as another kind without re-embedding (`rebuild_index`).
 """
 
 from __future__ import annotations
 
 import io
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,16 +43,22 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from distill.deploy import index_kinds
 from distill.deploy.embedders import Embedder, describe
+from distill.deploy.index_ann import require_faiss
+from distill.deploy.index_exact import ExactSearch, dequantize
 from distill.deploy.sources import Item, Skipped, Source, read_image
 from distill.errors import ConfigError
 from distill.io import atomic_path
 
-VERSION = 1
+VERSION = 2
 KIND = "distill-search-index"
 FIELDS = ("version", "kind", "model", "embedder", "embed_dim", "backend", "sources", "embeddings",
           "ids", "locations", "captions", "thumbs", "thumb_offsets", "skipped")  # fmt: skip
+SEARCH_FIELDS = ("quant", "search", "faiss")  # version 2
+TEXT_FIELDS = ("ids", "locations", "captions")
 BACKENDS = ("exact", "faiss")
+__all__ = ["SearchIndex", "index_images", "load_search_index", "rebuild_index", "require_faiss", "save_search_index"]
 
 
 def thumbnail(image: Image.Image, size: int) -> bytes:
@@ -56,15 +68,6 @@ def thumbnail(image: Image.Image, size: int) -> bytes:
     buf = io.BytesIO()
     small.save(buf, format="JPEG", quality=85)
     return buf.getvalue()
-
-
-def require_faiss() -> Any:
-    """The `faiss` module, or a one-line error saying how to get it."""
-    try:
-        import faiss  # faiss: optional extra (faiss-cpu)
-    except ImportError as e:
-        raise ConfigError("--faiss: the faiss package is not installed (pip install faiss-cpu); without --faiss the exact torch search needs nothing extra") from e
-    return faiss
 
 
 def index_images(
@@ -77,9 +80,11 @@ def index_images(
     dtype: str = "float32",
     thumb_size: int = 128,
     backend: str = "exact",
+    kind: str = "auto",
+    params: dict[str, int] | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, Any], Skipped]:
-    """Embed every readable image of `sources` with `embedder` in batches.
+    """Embed every readable image of `sources` with `embedder` in batches, then index them.
 
     Args:
         sources: Parsed SOURCE arguments (`distill.deploy.sources.parse_source`).
@@ -87,9 +92,11 @@ def index_images(
         model: The embedder's path spec, recorded for `distill search` and `distill serve`.
         names: The SOURCE arguments as given, recorded.
         batch_size: Images per `encode_images` call.
-        dtype: "float32" or "float16" storage of the embeddings.
+        dtype: Storage of the embeddings: "float32", "float16" or "int8".
         thumb_size: Side of the stored JPEG thumbnails; 0 stores none.
-        backend: Default search backend recorded in the index ("exact" or "faiss").
+        backend: Default search backend of an exact index ("exact" or "faiss").
+        kind: "auto" or one of `index_kinds.KINDS`.
+        params: Parameters of an approximate kind (the rest chosen from the size).
         progress: Show a tqdm bar.
 
     Returns:
@@ -98,12 +105,13 @@ def index_images(
     Raises:
         ConfigError: If no image could be read, or an argument is out of range.
     """
-    if dtype not in ("float32", "float16"):
-        raise ConfigError(f"--dtype: must be float32 or float16, got {dtype!r}")
+    problems = index_kinds.check_kind(kind, dtype, params or {}, faiss=backend == "faiss")
     if backend not in BACKENDS:
-        raise ConfigError(f"backend: must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        problems.append(f"backend: must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if batch_size < 1:
-        raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
+        problems.append(f"--batch-size: must be >= 1, got {batch_size}")
+    if problems:
+        raise ConfigError(problems)
     skipped = Skipped()
     ids: list[str] = []
     locations: list[str] = []
@@ -143,19 +151,74 @@ def index_images(
     index = {
         "version": VERSION, "kind": KIND, "model": model, "embedder": describe(embedder),
         "embed_dim": int(embedder.embed_dim), "backend": backend, "sources": list(names),
-        "embeddings": embeddings.to(getattr(torch, dtype)), "ids": ids, "locations": locations,
-        "captions": captions,
+        "ids": ids, "locations": locations, "captions": captions,
         "thumbs": torch.frombuffer(blob, dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8),
         "thumb_offsets": torch.from_numpy(offsets), "skipped": dict(skipped.counts),
     }  # fmt: skip
-    return index, skipped
+    return rebuild_index(index, embeddings, kind=kind, dtype=dtype, params=params), skipped
+
+
+def rebuild_index(index: dict[str, Any], rows: torch.Tensor | None = None, *, kind: str = "auto", dtype: str = "float32",
+                  params: dict[str, int] | None = None, backend: str | None = None, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """`index` with its search fields (re)built as another kind: nothing is re-embedded.
+
+    Args:
+        index: An index (loaded, or being built); its other fields are kept.
+        rows: (N, D) float32 unit rows; default the index's own embeddings, dequantised.
+        kind: "auto" or one of `index_kinds.KINDS`.
+        dtype: Storage of the embeddings.
+        params: Parameters of an approximate kind.
+        backend: Default backend of an exact index; default the index's own (an exact one's).
+        seed: Of the IVF training sample.
+
+    Raises:
+        ConfigError: A bad kind, dtype or parameter.
+    """
+    if rows is None:
+        rows = dequantize(index["embeddings"], index.get("quant"))
+    was_exact = index.get("search", {"kind": "exact"})["kind"] == "exact"
+    backend = backend or (index.get("backend", "exact") if was_exact else "exact")
+    problems = index_kinds.check_kind(kind, dtype, params or {}, faiss=backend == "faiss")
+    if problems:
+        raise ConfigError(problems)
+    chosen, why = index_kinds.choose_kind(kind, len(rows), rows.shape[1])
+    fields = index_kinds.build_fields(rows, kind=chosen, dtype=dtype, params=params, seed=seed)
+    fields["search"]["choice"] = why
+    return {**index, **fields, "version": VERSION, "backend": "faiss" if chosen != "exact" else backend}
 
 
 def save_search_index(index: dict[str, Any], path: str | Path) -> Path:
     """Write a search index atomically (`distill.io.atomic_path`)."""
     with atomic_path(path) as tmp:
-        torch.save({k: index[k] for k in FIELDS}, tmp)
+        torch.save({k: pack_texts(index[k]) if k in TEXT_FIELDS else compact(index[k]) for k in FIELDS + SEARCH_FIELDS}, tmp)
     return Path(path)
+
+
+def pack_texts(texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Strings as one UTF-8 byte tensor and their (N + 1,) byte offsets."""
+    encoded = [t.encode() for t in texts]
+    blob = bytearray(b"".join(encoded))
+    offsets = np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)
+    return {"utf8": torch.frombuffer(blob, dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8),
+            "offsets": torch.from_numpy(offsets)}  # fmt: skip
+
+
+def unpack_texts(packed: dict[str, torch.Tensor] | list[str]) -> list[str]:
+    """`pack_texts` undone (a version 1 list passes through)."""
+    if isinstance(packed, list):
+        return packed
+    data, offsets = packed["utf8"].numpy().tobytes(), packed["offsets"].tolist()
+    if data.isascii():  # one decode, then slices: byte and character offsets agree
+        text = data.decode("ascii")
+        return [text[a:b] for a, b in zip(offsets, offsets[1:])]
+    return [data[a:b].decode() for a, b in zip(offsets, offsets[1:])]
+
+
+def compact(value: Any) -> Any:
+    """A tensor that is a view of a larger one, copied: `torch.save` writes a view's whole storage."""
+    if isinstance(value, torch.Tensor) and value.untyped_storage().nbytes() > value.numel() * value.element_size():
+        return value.contiguous().clone()
+    return value
 
 
 def load_search_index(path: str | Path) -> dict[str, Any]:
@@ -176,47 +239,84 @@ def load_search_index(path: str | Path) -> dict[str, Any]:
     missing = [f for f in FIELDS if f not in data] if isinstance(data, dict) else list(FIELDS)
     if missing or data.get("kind") != KIND:
         raise ConfigError(f"INDEX: {str(path)!r} is not a distill search index (missing {', '.join(missing) or 'kind'})")
-    return data
+    if data["version"] > VERSION:
+        raise ConfigError(f"INDEX: {str(path)!r} is a version {data['version']} index; this distill reads up to {VERSION}")
+    return with_search_fields({**data, **{k: unpack_texts(data[k]) for k in TEXT_FIELDS}})
+
+
+def with_search_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 index (no kinds yet) as version 2: an exact index of its stored dtype."""
+    if all(f in data for f in SEARCH_FIELDS):
+        return data
+    dtype = str(data["embeddings"].dtype).removeprefix("torch.")
+    search = {"kind": "exact", "dtype": dtype, "params": {}, "build_s": 0.0, "choice": f"version {data['version']} index"}
+    return {"quant": torch.zeros(0), "search": search, "faiss": torch.zeros(0, dtype=torch.uint8), **data}
 
 
 class SearchIndex:
     """A loaded index, ready to answer queries.
 
     Args:
-        data: What `load_index` returns.
-        backend: "exact" or "faiss"; default the one recorded in the index.
+        data: What `load_search_index` returns (or `index_images`).
+        backend: "exact" or "faiss" for an exact index; default the one recorded in it.
         path: The file it came from (for messages).
+        nprobe: Lists an IVF index scans per query (default: recorded at build).
+        ef_search: Candidates an HNSW query keeps (default: recorded).
+        rerank: IVF-PQ candidates re-scored exactly (default: recorded; 0: none).
+
+    Raises:
+        ConfigError: A bad backend, a query parameter the kind does not take, or faiss missing.
     """
 
-    def __init__(self, data: dict[str, Any], *, backend: str | None = None, path: str | Path = "") -> None:
-        self.data, self.path = data, Path(path)
-        self.backend = backend or data["backend"]
+    def __init__(self, data: dict[str, Any], *, backend: str | None = None, path: str | Path = "",
+                 nprobe: int | None = None, ef_search: int | None = None, rerank: int | None = None) -> None:  # fmt: skip
+        self.data, self.path = with_search_fields(data), Path(path)
+        what = f"INDEX: {str(path)!r}" if str(path) else "the index"
+        self.kind: str = self.data["search"]["kind"]
+        self.dtype: str = self.data["search"]["dtype"]
+        self.backend = backend or self.data["backend"]
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend: must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        self.ids: list[str] = data["ids"]
-        self.locations: list[str] = data["locations"]
-        self.captions: list[str] = data["captions"]
-        self.model: str = data["model"]
-        self.embedder: str = data["embedder"]
-        self.embed_dim = int(data["embed_dim"])
-        # One contiguous float32 copy in memory: fp16 matrix-vector products are slower on CPUs,
-        # and a memory-mapped matrix would page in on the first queries.
-        self.matrix = data["embeddings"].to(torch.float32, copy=True).contiguous()
-        self._scores = torch.empty(len(self.ids), dtype=torch.float32)
-        self._lock = threading.Lock()
-        self._faiss = None
-        if self.backend == "faiss":
-            faiss = require_faiss()
-            self._faiss = faiss.IndexFlatIP(self.embed_dim)
-            self._faiss.add(self.matrix.numpy())
+        if self.kind != "exact":
+            self.backend = "faiss"
+        self.ids: list[str] = self.data["ids"]
+        self.locations: list[str] = self.data["locations"]
+        self.captions: list[str] = self.data["captions"]
+        self.model: str = self.data["model"]
+        self.embedder: str = self.data["embedder"]
+        self.embed_dim = int(self.data["embed_dim"])
+        query = {"nprobe": nprobe, "ef_search": ef_search, "rerank": rerank}
+        self.engine = index_kinds.searcher(self.data, backend=self.backend, what=what, query=query)
 
     @classmethod
-    def open(cls, path: str | Path, *, backend: str | None = None) -> SearchIndex:
-        """Load an index file."""
-        return cls(load_search_index(path), backend=backend, path=path)
+    def open(cls, path: str | Path, **options: Any) -> SearchIndex:
+        """Load an index file; `options` as the constructor's (backend, nprobe, ef_search, rerank)."""
+        return cls(load_search_index(path), path=path, **options)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The (N, D) rows as float32: a view of a float32 exact index's search copy, else dequantised."""
+        if isinstance(self.engine, ExactSearch) and self.engine.dtype == "float32":
+            return self.engine.rows()
+        return dequantize(self.data["embeddings"], self.data["quant"])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the search holds in memory (rows or codes, graph or lists, buffers)."""
+        return int(self.engine.nbytes)
+
+    def describe(self) -> str:
+        """The search in a few words: `exact`, `exact int8`, `faiss`, `hnsw M=32 ef_search=64`."""
+        return index_kinds.describe(self.data["search"], self.backend, self.engine)
+
+    def set_query(self, **params: int | None) -> None:
+        """Change query parameters of an approximate index (`nprobe`, `ef_search`, `rerank`)."""
+        if self.kind == "exact":
+            raise ConfigError(f"{', '.join(params)}: an exact index takes no query parameters")
+        self.engine.set(**params)
 
     def search(self, queries: np.ndarray | torch.Tensor, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """The k best items for each query by inner product, best first.
@@ -226,21 +326,14 @@ class SearchIndex:
             k: Results per query (capped at the index size).
 
         Returns:
-            scores (Q, k) float32 and indices (Q, k) int64 (a (k,) pair for a (D,) query).
+            scores (Q, k) float32 and indices (Q, k) int64 (a (k,) pair for a (D,) query; an
+            approximate index may find fewer, and pads a batch with index -1).
         """
         q = torch.as_tensor(queries, dtype=torch.float32)
         if q.shape[-1] != self.embed_dim:
             raise ValueError(f"query dimension {q.shape[-1]} != index dimension {self.embed_dim}")
         k = max(1, min(int(k), len(self)))
-        if self._faiss is not None:
-            scores, idx = self._faiss.search(np.ascontiguousarray(q.reshape(-1, self.embed_dim).numpy()), k)
-            return (scores[0], idx[0]) if q.ndim == 1 else (scores, idx)
-        if q.ndim == 1:
-            with self._lock:  # the score buffer is shared; one query at a time
-                top = torch.mv(self.matrix, q, out=self._scores).topk(k)
-                return top.values.numpy().copy(), top.indices.numpy()
-        top = (q @ self.matrix.t()).topk(k, dim=1)
-        return top.values.numpy(), top.indices.numpy()
+        return self.engine.search(q, k)
 
     def thumbnail(self, i: int) -> bytes | None:
         """Item i's stored JPEG thumbnail, or None when the index has none."""

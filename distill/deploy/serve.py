@@ -2,8 +2,9 @@
 
 Routes: `/` the page (`distill/assets/search.html`); `/api/search?q=..&k=..` JSON {query, k,
 items, encode_ms, search_ms, total_ms, results: [{rank, index, id, score, caption, image}]};
-`/api/info` JSON {items, embed_dim, embedder, query_embedder, model, backend}, models by file
-name only; `/image/<i>` item i as JPEG (its thumbnail, else read from its source).
+`/api/info` JSON {items, embed_dim, embedder, query_embedder, model, backend, search}, models
+by file name only, `search` the index kind and its parameters (`hnsw M=32 ef_search=64`);
+`/image/<i>` item i as JPEG (its thumbnail, else read from its source).
 
 Queries run one at a time (a lock): on a small CPU, parallel queries only make each slower,
 and the latency the page shows stays the query's own. The page has no authentication, so
@@ -276,7 +277,7 @@ def make_server(index: SearchIndex, embedder: Embedder, host: str = "127.0.0.1",
     lock = threading.Lock()
     info = {"items": len(index), "embed_dim": index.embed_dim, "embedder": file_names(index.embedder),
             "query_embedder": file_names(describe(embedder)), "model": file_names(index.model),
-            "backend": index.backend}  # fmt: skip
+            "backend": index.backend, "search": index.describe()}  # fmt: skip
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "distill-serve"
