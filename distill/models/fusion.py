@@ -203,6 +203,16 @@ class FusionStack(LayerStack):
         raise Unavailable(f"no {kind} outputs")
 
 
+def described_layers(kind: str, kinds: tuple[str, ...], path: str | None,
+                     args: dict[str, Any]) -> dict[str, dict[str, LayerSpec]]:
+    """`layer_outputs` of a model on the fused backbone (fusion, twin): its architecture from
+    `path` or the args, checked, then `fusion_layers`."""
+    args = {k: v for k, v in args.items() if k in ARCH or k == "tokenizer"}
+    arch = architecture(kind, kinds, path, args)
+    check_architecture(arch)
+    return fusion_layers(arch, str(Path(path).expanduser() / "tokenizer") if path else args.get("tokenizer"))
+
+
 def fusion_layers(arch: dict[str, Any], tokenizer: str | None) -> dict[str, dict[str, LayerSpec]]:
     """`layer_outputs` of a `fusion` or `twin` architecture: a meta-device backbone, probed."""
     with torch.device("meta"):
@@ -310,10 +320,7 @@ class Fusion(Encoder):
 
     @classmethod
     def layer_outputs(cls, *, path: str | None = None, **args: Any) -> dict[str, dict[str, LayerSpec]]:
-        args = {k: v for k, v in args.items() if k in ARCH or k == "tokenizer"}
-        arch = architecture("fusion", ("fusion",), path, args)
-        check_architecture(arch)
-        return fusion_layers(arch, str(Path(path).expanduser() / "tokenizer") if path else args.get("tokenizer"))
+        return described_layers("fusion", ("fusion",), path, args)
 
     def layer_stack(self, output: str) -> LayerStack:
         if output in ("image", "text"):

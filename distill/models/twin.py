@@ -23,7 +23,7 @@ from distill.models.fusion import (
     FusionStack,
     architecture,
     check_architecture,
-    fusion_layers,
+    described_layers,
     save_folder,
 )
 from distill.models.intermediate import LayerSpec, LayerStack
@@ -78,10 +78,7 @@ class Twin(Encoder):
 
     @classmethod
     def layer_outputs(cls, *, path: str | None = None, **args: Any) -> dict[str, dict[str, LayerSpec]]:
-        args = {k: v for k, v in args.items() if k in ARCH or k == "tokenizer"}
-        arch = architecture("twin", KINDS, path, args)
-        check_architecture(arch)
-        return fusion_layers(arch, str(Path(path).expanduser() / "tokenizer") if path else args.get("tokenizer"))
+        return described_layers("twin", KINDS, path, args)
 
     def layer_stack(self, output: str) -> LayerStack:
         if output in ("image", "text"):
