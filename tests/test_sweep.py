@@ -23,7 +23,12 @@ def test_there_are_sweeps() -> None:
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
 def test_every_shipped_sweep_validates(path: Path, data_root: Path, tiny_towers: Path, tmp_path: Path) -> None:
     sweep = load_sweep(path)
-    configs = variant_configs(sweep, shrink(Path(sweep.base), data_root, tmp_path, tiny_towers))
+    if any(v.base for v in sweep.variants):  # each experiment shrunk its own way, after the variant's overrides
+        for v in sweep.variants:
+            v.overrides = [*v.overrides, *shrink(Path(v.base or sweep.base), data_root, tmp_path, tiny_towers)]
+        configs = variant_configs(sweep)
+    else:
+        configs = variant_configs(sweep, shrink(Path(sweep.base), data_root, tmp_path, tiny_towers))
     assert len(configs) >= 2
     names = list(configs)
     assert all(any(e.enabled for e in c.edges.values()) for c in configs.values()), names
@@ -148,3 +153,49 @@ def test_sweep_scores_a_zeroshot_task_next_to_rsum(tiny_yaml: Path, tmp_path: Pa
     bad = write_yaml(tmp_path, "bad.yaml", path.read_text().replace("embedded:colour", "embedded:size"))
     with pytest.raises(ConfigError, match="embedded:size"):
         run_sweep(bad)
+
+
+def test_a_variant_trains_its_own_experiment(tiny_yaml: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`base:` per variant: a methods table is a sweep over experiments; `--variants` picks some."""
+    write_yaml(tmp_path, "other.yaml", f"""
+        extends: {tiny_yaml.name}
+        edges:
+          st_ti_kl: null
+          ti_st:
+            loss: infonce
+            inputs: [student.text, teacher.image]
+        """)
+    out = tmp_path / "methods"
+    path = write_yaml(tmp_path, "methods.yaml", f"""
+        base: {tiny_yaml.name}
+        output_dir: {out}
+        overrides: [trainer.max_steps=1]
+        split: test
+        variants:
+          - {{name: alone, edges: [si_st]}}
+          - {{name: other, base: other.yaml, overrides: [edges.si_tt.enabled=false]}}
+          - {{name: other_ti, base: other.yaml, edges: [ti_st]}}
+        """)
+    configs = variant_configs(load_sweep(path))
+    assert sorted(configs["other", None].edges) == ["si_st", "si_tt", "ti_st"]
+    assert [n for n, e in configs["other", None].edges.items() if e.enabled] == ["si_st", "ti_st"]
+    assert [n for n, e in configs["other_ti", None].edges.items() if e.enabled] == ["ti_st"]
+    assert configs["other", None].output_dir == str(out / "other")
+
+    bad = write_yaml(tmp_path, "bad.yaml", path.read_text().replace("edges: [ti_st]", "edges: [st_ti_kl]")
+                     .replace("{name: other, base: other.yaml", "{name: other, base: nowhere.yaml"))
+    with pytest.raises(ConfigError) as e:
+        variant_configs(load_sweep(bad))
+    assert len(e.value.problems) == 1 and e.value.problems[0].endswith(f"variants[1].base: no such experiment file {tmp_path / 'nowhere.yaml'}")
+    bad.write_text(bad.read_text().replace("nowhere.yaml", "other.yaml"))
+    with pytest.raises(ConfigError) as e:
+        variant_configs(load_sweep(bad))
+    assert e.value.problems[0] == "variants[2].edges[0]: unknown edge 'st_ti_kl'; edges: si_st, si_tt, ti_st"
+
+    assert main(["sweep", str(path), "--variants", "alone", "nope"]) == 2
+    assert "--variants: unknown variant 'nope'; the sweep has: alone, other, other_ti" in capsys.readouterr().err
+    assert main(["sweep", str(path), "--variants", "other", "alone"]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["alone", "other"]
+    rows = [line for line in (out / "sweep.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows[1].startswith("| alone | si_st | 1 |") and rows[1].endswith("| ref |  |")  # the file's order
+    assert rows[2].startswith("| other | si_st, ti_st | 1 |")

@@ -11,12 +11,13 @@ variants:                           # explicit variants, in table order
   - {name: full}
   - {name: task_only, edges: [si_st]}            # exactly these edges on, the others off
   - {name: no_fd, overrides: [edges.ti_si_fd.enabled=false]}
+  - {name: mcad, base: ../mcad.yaml}             # another experiment: a methods table is a sweep too
 grid:                               # and/or the product of these (after the explicit ones)
   edges: [[si_st], [si_st, ti_si]]  # edge subsets
   edges.si_st.args.temperature: [0.05, 0.1]
 ```
 
-`distill sweep SWEEP.yaml [overrides...] [--seeds 0 1 2]` validates every variant first (all
+`distill sweep SWEEP.yaml [overrides...] [--seeds 0 1 2] [--variants a b]` validates every variant first (all
 problems at once), then fits each (variant, seed) that has no `metrics.json` yet into
 `<output_dir>/<variant>/seed<s>/` (an interrupted one resumes from its `last.ckpt`; without
 `seeds`, one run per variant in `<output_dir>/<variant>/` at the config's seed), evaluates
@@ -39,7 +40,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from distill.config.load import from_dict, read_yaml, to_dict
+from distill.config.load import from_dict, load_raw, prune_removed, read_yaml, to_dict
 from distill.config.schema import Config
 from distill.core.check import load_checked
 from distill.errors import ConfigError
@@ -57,9 +58,11 @@ SAFE = re.compile(r"[^A-Za-z0-9_.,=+-]")
 
 @dataclass
 class VariantConfig:
-    """One explicit variant: a name, optionally the exact set of enabled edges, overrides."""
+    """One explicit variant: a name, optionally its own experiment, the exact set of enabled edges, overrides."""
 
     name: str = MISSING
+    base: str | None = None
+    """Another experiment YAML than the sweep's `base` (relative to the sweep file)."""
     edges: list[str] | None = None
     overrides: list[str] = field(default_factory=list)
 
@@ -106,7 +109,7 @@ def load_sweep(path: str | Path) -> SweepConfig:
     for i, node in enumerate(raw_variants if isinstance(raw_variants, ListConfig) else [None]):
         try:
             if not isinstance(node, DictConfig):
-                raise ConfigError(f"{path}: variants[{i}]: expected a mapping {{name, edges, overrides}}" if node is not None
+                raise ConfigError(f"{path}: variants[{i}]: expected a mapping {{name, base, edges, overrides}}" if node is not None
                                   else f"{path}: variants: expected a list of variants")
             variants.append(_to_object(VariantConfig, node, f"{path}: variants[{i}]."))
         except ConfigError as e:
@@ -115,6 +118,13 @@ def load_sweep(path: str | Path) -> SweepConfig:
         sweep: SweepConfig = _to_object(SweepConfig, raw, f"{path}: ")
     except ConfigError as e:
         problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    for i, v in enumerate(variants):
+        if v.base is not None:
+            v.base = str((path.parent / v.base).resolve())
+            if not Path(v.base).is_file():
+                problems.append(f"{path}: variants[{i}].base: no such experiment file {v.base}")
     if problems:
         raise ConfigError(problems)
     sweep.variants = variants
@@ -130,17 +140,23 @@ def _edge_overrides(edges: list[str], all_edges: list[str]) -> list[str]:
     return [f"edges.{e}.enabled={str(e in edges).lower()}" for e in all_edges]
 
 
-def expand(sweep: SweepConfig, all_edges: list[str]) -> tuple[list[tuple[str, list[str], str]], list[str]]:
-    """(variants as (name, overrides, YAML path), problems) for the explicit list then the grid."""
-    out: list[tuple[str, list[str], str]] = []
+Variant = tuple[str, list[str], str, str]
+"""(name, overrides, YAML path in the sweep file, experiment file)."""
+
+
+def expand(sweep: SweepConfig, edges_of: dict[str, list[str]]) -> tuple[list[Variant], list[str]]:
+    """(variants, problems) for the explicit list then the grid; `edges_of` maps each experiment
+    file (the sweep's base and any variant's own) to its edge names."""
+    out: list[Variant] = []
     problems: list[str] = []
+    all_edges = edges_of[sweep.base]
     for i, v in enumerate(sweep.variants):
-        where = f"variants[{i}]"
+        where, base = f"variants[{i}]", v.base or sweep.base
         for j, e in enumerate(v.edges or []):
-            if e not in all_edges:
-                problems.append(f"{where}.edges[{j}]: unknown edge {e!r}; edges: {', '.join(all_edges)}")
-        edges = _edge_overrides(v.edges, all_edges) if v.edges is not None else []
-        out.append((v.name, edges + list(v.overrides), where))
+            if e not in edges_of[base]:
+                problems.append(f"{where}.edges[{j}]: unknown edge {e!r}; edges: {', '.join(edges_of[base])}")
+        edges = _edge_overrides(v.edges, edges_of[base]) if v.edges is not None else []
+        out.append((v.name, edges + list(v.overrides), where, base))
     keys = list(sweep.grid)
     for key in keys:
         if not isinstance(sweep.grid[key], list) or not sweep.grid[key]:
@@ -162,7 +178,7 @@ def expand(sweep: SweepConfig, all_edges: list[str]) -> tuple[list[tuple[str, li
                 short = key.removeprefix("edges.").replace(".args.", ".")
                 parts.append(f"{short}={_value(value)}")
                 overrides.append(f"{key}={_value(value)}")
-        out.append((SAFE.sub("_", ",".join(parts)), overrides, f"grid ({', '.join(parts)})"))
+        out.append((SAFE.sub("_", ",".join(parts)), overrides, f"grid ({', '.join(parts)})", sweep.base))
     return out, problems
 
 
@@ -179,11 +195,13 @@ def variant_configs(
     Raises:
         ConfigError: Every problem of every variant, each line prefixed by where it came from.
     """
-    try:
-        base = load_checked(sweep.base, [*sweep.overrides, *(extra or [])])
-    except ConfigError as e:
-        raise ConfigError([f"base ({sweep.base}): {p}" for p in e.problems]) from e
-    variants, problems = expand(sweep, list(base.edges))
+    edges_of = {}  # each experiment's edge names; every variant's own config is checked in full below
+    for base in dict.fromkeys([sweep.base, *(v.base for v in sweep.variants if v.base)]):
+        try:
+            edges_of[base] = list((prune_removed(load_raw(base)).get("edges") or {}).keys())
+        except ConfigError as e:
+            raise ConfigError([f"base ({base}): {p}" for p in e.problems]) from e
+    variants, problems = expand(sweep, edges_of)
     if not variants:
         problems.append("variants: no variant; list some under variants: or grid:")
     seeds = list(seeds or sweep.seeds)
@@ -191,7 +209,7 @@ def variant_configs(
         problems.append(f"seeds: expected distinct integers >= 0, got {seeds}")
     configs: dict[tuple[str, int | None], Config] = {}
     names: set[str] = set()
-    for name, overrides, where in variants:
+    for name, overrides, where, experiment in variants:
         if not SAFE.sub("", name) == name or not name:
             problems.append(f"{where}.name: {name!r} must be letters, digits or _ . , = + -")
             continue
@@ -204,7 +222,7 @@ def variant_configs(
             by_seed = [f"seed={seed}", f"data.seed={seed}"] if seed is not None else []
             try:
                 configs[name, seed] = load_checked(
-                    sweep.base,
+                    experiment,
                     [*sweep.overrides, *(extra or []), *overrides, *by_seed, f"output_dir={folder}", "resume=last"],
                 )
             except ConfigError as e:
@@ -284,14 +302,33 @@ def changed_runs(configs: dict[tuple[str, int | None], Config]) -> list[str]:
     return problems
 
 
-def run_sweep(path: str | Path, extra: list[str] | None = None, seeds: list[int] | None = None) -> Path:
+def only_variants(configs: dict[tuple[str, int | None], Config], names: list[str]) -> dict[tuple[str, int | None], Config]:
+    """The runs of the variants `names` (in table order; the first kept is the reference).
+
+    Raises:
+        ConfigError: A name the sweep does not have, with the names it has.
+    """
+    have = list(dict.fromkeys(name for name, _ in configs))
+    bad = [n for n in names if n not in have]
+    if bad:
+        raise ConfigError(f"--variants: unknown variant {bad[0]!r}; the sweep has: {', '.join(have)}")
+    return {key: c for key, c in configs.items() if key[0] in names}
+
+
+def run_sweep(path: str | Path, extra: list[str] | None = None, seeds: list[int] | None = None,
+              variants: list[str] | None = None) -> Path:
     """`distill sweep`: fit the missing runs, evaluate all, write the table; see above.
+
+    Args:
+        variants: Only these variants (run and tabled); None runs them all.
 
     Raises:
         ConfigError: A bad sweep or variant, or a run folder started with another config.
     """
     sweep = load_sweep(path)
     configs = variant_configs(sweep, extra, seeds)
+    if variants:
+        configs = only_variants(configs, variants)
     if sweep.zeroshot:
         open_task(sweep.zeroshot, next(iter(configs.values())).data)  # a bad task fails before any fit
     changed = changed_runs(configs)
