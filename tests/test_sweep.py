@@ -199,3 +199,10 @@ def test_a_variant_trains_its_own_experiment(tiny_yaml: Path, tmp_path: Path, ca
     rows = [line for line in (out / "sweep.md").read_text().splitlines() if line.startswith("| ")]
     assert rows[1].startswith("| alone | si_st | 1 |") and rows[1].endswith("| ref |  |")  # the file's order
     assert rows[2].startswith("| other | si_st, ti_st | 1 |")
+    # the same config in another sweep: its finished run folder, linked in, is reused, not refit
+    again = write_yaml(tmp_path, "again.yaml", path.read_text().replace(str(out), str(tmp_path / "again")))
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "other").symlink_to(out / "other")
+    capsys.readouterr()
+    assert main(["sweep", str(again), "--variants", "other"]) == 0
+    assert "other: finished, skipped" in capsys.readouterr().out

@@ -268,8 +268,9 @@ def zeroshot_variant(config: Config, data: str) -> dict[str, Any]:
     return result
 
 
-IGNORED = ("trainer.progress_bar",)
-"""Settings a run folder may change between sweeps without making its results another run's."""
+IGNORED = ("trainer.progress_bar", "output_dir")
+"""Settings a run folder may change between sweeps without making its results another run's
+(a finished run of the same config linked or moved into another sweep's folder is reused)."""
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
