@@ -15,6 +15,8 @@ from distill.core.build import build_graph
 from distill.core.check import load_checked
 from distill.errors import ConfigError
 from distill.models.intermediate import LayerNode, parse_node
+from distill.training.module import DistillModule
+from distill.training.trainer import make_datamodule
 from tests.conftest import shrink, write_yaml
 from tests.test_experiments import read_metrics
 from tests.test_graph import count_calls, fake_batch
@@ -203,6 +205,20 @@ def test_cached_teacher_layer_nodes_are_refused_and_accumulation_too(tmp_path: P
     assert problems(path, ["trainer.accumulate_grad_batches=2"]) == [
         "trainer.accumulate_grad_batches: edge e reads layer nodes, which exact accumulation (GradCache) cannot "
         "cache per micro-batch; raise data.batch_size or add devices"]
+
+
+def test_a_text_layer_node_preprocesses_only_the_text(tmp_path: Path, data_root: Path) -> None:
+    """A model read only at text layers gets its tokenizer in the loader, not its image transform."""
+    path = config(tmp_path, data_root, """
+          e:
+            loss: hidden_mse
+            inputs: ["student.text.hidden[1]", "teacher.text.hidden[3]"]
+        """)
+    cfg = load_checked(path, ["cache.mode=never"], data=False)
+    collator = make_datamodule(cfg, DistillModule(cfg)).train_collator
+    image_models = {m for _, models in collator.image_groups.values() for m in models}
+    text_models = {m for _, models in collator.text_groups.values() for m in models}
+    assert image_models == {"student"} and text_models == {"student", "teacher"}
 
 
 def test_a_pair_node_has_no_layers(tmp_path: Path, data_root: Path, tiny_fusion: Path) -> None:

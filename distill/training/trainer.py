@@ -139,14 +139,15 @@ def make_datamodule(config: Config, module: DistillModule) -> pl.LightningDataMo
     """The data module fed with each running model's own preprocessing, for the outputs it
     computes: none for a model the teacher-output cache serves entirely."""
     graph = module.graph
-    live: dict[str, set[str]] = {}
+    live: dict[str, set[str]] = {}  # model -> the sides it runs on: image, text, pair (a layer node's side)
     for node in graph.needed_nodes():
         if node not in graph.cached:
-            live.setdefault(split_node(node)[0], set()).add(split_node(node)[1])
+            model, output = split_node(node)
+            live.setdefault(model, set()).add(output.partition(".")[0])
     pre = {
-        n: (graph.models[n].image_preprocess() if outs - {"text"} else None,  # a pair node reads both
-            graph.models[n].text_preprocess() if outs - {"image"} else None)
-        for n, outs in live.items()
+        n: (graph.models[n].image_preprocess() if sides - {"text"} else None,  # a pair node reads both
+            graph.models[n].text_preprocess() if sides - {"image"} else None)
+        for n, sides in live.items()
     }
     ev = graph.models[config.eval.model]
     data = config.data  # exact accumulation: one loader batch holds the K micro-batches of a step
