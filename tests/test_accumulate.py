@@ -65,7 +65,7 @@ def test_per_sample_graphs_accept_accumulation_and_it_equals_the_large_batch(tin
     whole, accumulated = grads_whole_vs_accumulated(build_graph(cfg))
     assert whole
     for a, b in zip(whole, accumulated):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+        assert_same_gradient(b, a)
     # why in-batch losses need more: Lightning's recipe gives them a different gradient
     whole, accumulated = grads_whole_vs_accumulated(build_graph(load_checked(tiny_yaml)))
     assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(whole, accumulated))
@@ -75,6 +75,13 @@ def grads(graph: KnowledgeGraph) -> list[torch.Tensor]:
     out = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in graph.parameters() if p.requires_grad]
     graph.zero_grad()
     return out
+
+
+def assert_same_gradient(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal up to float32 rounding of a sum taken in another order: an absolute slack of 1e-5
+    of the tensor's largest entry (CPUs with other vector units round the same sums apart by
+    a few 1e-7 of it), far below what a missing cross-micro-batch term changes."""
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()) + 1e-9)
 
 
 def test_exact_accumulation_gives_the_big_batchs_gradients(tiny_yaml: Path) -> None:
@@ -90,7 +97,7 @@ def test_exact_accumulation_gives_the_big_batchs_gradients(tiny_yaml: Path) -> N
     torch.testing.assert_close(out["loss"], whole_out["loss"].detach())
     assert len(whole) == len(accumulated) and any(g.abs().sum() > 0 for g in whole)
     for a, c in zip(whole, accumulated):
-        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-7)
+        assert_same_gradient(c, a)
     assert [len(m) for m in split_batch(b, 3)] == [6, 5, 5]
 
 
