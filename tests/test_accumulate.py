@@ -212,4 +212,5 @@ def test_two_processes_accumulating_give_the_single_process_gradients(
     for rank, loss, got in spawn(ddp_worker, 2, paths, local_loss, timeout=300):
         assert loss == pytest.approx(expected_loss, rel=1e-5)
         for g, e in zip(got, expected):
-            torch.testing.assert_close(torch.from_numpy(g), e, rtol=rtol, atol=5e-6, msg=lambda m, r=rank: f"rank {r}: {m}")
+            slack = max(5e-6, rtol * float(e.abs().max()))  # rounding scales with the tensor (see assert_same_gradient)
+            torch.testing.assert_close(torch.from_numpy(g), e, rtol=rtol, atol=slack, msg=lambda m, r=rank: f"rank {r}: {m}")
